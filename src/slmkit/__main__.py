@@ -1,0 +1,5 @@
+import sys
+
+from slmkit.cli import main
+
+sys.exit(main())

@@ -1,0 +1,27 @@
+"""Shared fixtures: the datasets beside the repository, and tiny corpora built on the fly."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def shared_path(*parts: str) -> Path:
+    """Path under ../shared/data; skip (or fail under SLMKIT_REQUIRE_SHARED=1) when absent."""
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        message = f"shared dataset {path} is not available"
+        if os.environ.get("SLMKIT_REQUIRE_SHARED") == "1":
+            pytest.fail(message + " (SLMKIT_REQUIRE_SHARED=1)")
+        pytest.skip(message)
+    return path
+
+
+@pytest.fixture
+def shared():
+    """`shared("python-peps", "x.txt")` -> Path, skipping when the dataset is absent."""
+    return shared_path
