@@ -8,6 +8,8 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch.utils.data import DataLoader
 
 from slmkit.data import RandomWindowSampler, SlidingWindowDataset, load_shards, prepare
@@ -39,8 +41,31 @@ def test_overlapping_windows():
     assert x.tolist() == list(range(21, 29)) and y.tolist() == list(range(22, 30))
 
 
+@settings(max_examples=60, deadline=None)
+@given(
+    lengths=st.lists(st.integers(1, 20), min_size=1, max_size=6),
+    context=st.integers(1, 12),
+    stride=st.integers(1, 12),
+)
+def test_windows_equal_slices_of_the_concatenated_stream(lengths, context, stride):
+    stream = np.arange(sum(lengths), dtype=np.uint32)
+    shards = np.split(stream, np.cumsum(lengths)[:-1])
+    if len(stream) < context + 1:
+        with pytest.raises(InputError):
+            SlidingWindowDataset(shards, context, stride)
+        return
+    ds = SlidingWindowDataset(shards, context, stride)
+    starts = range(0, len(stream) - context, stride)
+    assert len(ds) == len(starts)
+    for i, start in enumerate(starts):
+        x, y = ds[i]
+        assert x.tolist() == stream[start : start + context].tolist()
+        assert y.tolist() == stream[start + 1 : start + context + 1].tolist()
+
+
 def test_window_needs_context_plus_one_tokens():
     assert len(SlidingWindowDataset(SHARDS, context_length=29)) == 1
+    assert len(SlidingWindowDataset(np.arange(30), context_length=29)) == 1  # one array is one shard
     with pytest.raises(InputError, match="30 tokens are too few for one window of context 30"):
         SlidingWindowDataset(SHARDS, context_length=30)
     with pytest.raises(InputError, match="too few"):

@@ -7,10 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from conftest import shared_path  # what the `shared` fixture returns, usable at module scope
 from slmkit.data import load_shards, prepare, read_manifest
 from slmkit.data.clean import content_key
-from slmkit.data.shards import split_of, token_dtype
+from slmkit.data.shards import ShardWriter, split_of, token_dtype
 from slmkit.errors import InputError, OutputExistsError
 
 PEPS = ("python-peps", "peps_final_active_accepted.jsonl")
@@ -54,9 +57,7 @@ DOCS = [f"Document number {i}: " + "some words " * (i % 7 + 1) for i in range(60
 
 
 @pytest.fixture(scope="module")
-def peps_docs(request):
-    from conftest import shared_path
-
+def peps_docs():
     path = shared_path(*PEPS)
     return path, [json.loads(line)["text"] for line in path.open(encoding="utf-8")]
 
@@ -79,6 +80,23 @@ def test_token_dtype():
     assert token_dtype(512) == np.uint16
     assert token_dtype(65536) == np.uint16  # ids 0..65535 fit
     assert token_dtype(65537) == np.uint32
+
+
+@settings(max_examples=50, deadline=None)
+@given(chunks=st.lists(st.lists(st.integers(0, 65535), max_size=30), max_size=8), shard_tokens=st.integers(1, 25))
+def test_shard_writer_cuts_fixed_size_shards(tmp_path_factory, chunks, shard_tokens):
+    out = tmp_path_factory.mktemp("writer")
+    writer = ShardWriter(out, "train", np.dtype(np.uint16), shard_tokens)
+    for chunk in chunks:
+        writer.write(chunk)
+    sizes = writer.close()
+    files = sorted(out.iterdir())
+    assert [f.name for f in files] == [f"train_{i:06d}.npy" for i in range(len(sizes))]
+    arrays = [np.load(f) for f in files]
+    assert [len(a) for a in arrays] == sizes
+    assert all(n == shard_tokens for n in sizes[:-1]) and all(0 < n <= shard_tokens for n in sizes)
+    flat = [t for chunk in chunks for t in chunk]
+    assert (np.concatenate(arrays).tolist() if arrays else []) == flat
 
 
 @pytest.mark.parametrize(("vocab_size", "dtype"), [(300, np.uint16), (70_000, np.uint32)])

@@ -18,7 +18,7 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 from slmkit.data.shards import load_shards
 from slmkit.errors import InputError
 
-Shards = str | os.PathLike | Sequence[np.ndarray]
+Shards = str | os.PathLike | np.ndarray | Sequence[np.ndarray]
 
 
 class TokenStream:
@@ -26,7 +26,10 @@ class TokenStream:
 
     def __init__(self, shards: Shards, split: str = "train") -> None:
         self.source = (shards, split) if isinstance(shards, (str, os.PathLike)) else None
-        self.shards = load_shards(shards, split) if self.source else list(shards)
+        if self.source:
+            self.shards = load_shards(shards, split)
+        else:
+            self.shards = [shards] if isinstance(shards, np.ndarray) else list(shards)
         self.starts = np.cumsum([0] + [len(s) for s in self.shards])  # starts[i]: offset of shard i
 
     def __len__(self) -> int:
@@ -74,7 +77,7 @@ class SlidingWindowDataset(Dataset):
 
     `stride` defaults to `context_length` (disjoint windows, each token predicted once: the way to
     measure validation loss); a smaller stride overlaps windows so that more tokens get long context.
-    `shards` is a directory written by `prepare` (then `split` picks the shards) or a list of arrays.
+    `shards` is a directory written by `prepare` (then `split` picks the shards), an array, or a list of arrays.
     """
 
     def __init__(self, shards: Shards, context_length: int, stride: int | None = None, split: str = "train") -> None:
