@@ -95,7 +95,7 @@ def test_parity_with_tokenizers_on_shared_corpus(tmp_path: Path, corpus: str, im
     ours = train_bpe(texts[:200], 1024)
     ours.save(tmp_path)
     assert_same_ids(ours, tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json")), texts)
-    for style, (hf, loaded) in imported.items():
+    for hf, loaded in imported.values():
         assert_same_ids(loaded, hf, texts)
 
 

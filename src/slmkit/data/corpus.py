@@ -164,3 +164,18 @@ def _read_csv(lines: Iterator[str], path: Path, column: str, delimiter: str) -> 
                 yield row[column]
     except csv.Error as e:
         raise InputError(f"{path}:{reader.line_num}: malformed CSV ({e})") from None
+
+
+def batched_by_chars(texts: Iterable[str], batch_chars: int) -> Iterator[list[str]]:
+    """Group texts into lists of about `batch_chars` characters (a text is never split), so that
+    batch work (encoding, counting) gets large units without holding the corpus."""
+    batch: list[str] = []
+    chars = 0
+    for text in texts:
+        batch.append(text)
+        chars += len(text)
+        if chars >= batch_chars:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch

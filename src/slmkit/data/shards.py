@@ -17,7 +17,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Protocol
+from typing import Iterable, Protocol
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from slmkit import __version__
 from slmkit._io import atomic_dir, write_json
 from slmkit.data.clean import CleanConfig, Cleaner, CleanReport, content_key
-from slmkit.data.corpus import Corpus, PathLike
+from slmkit.data.corpus import Corpus, PathLike, batched_by_chars
 from slmkit.errors import InputError
 
 SPLITS = ("train", "val")
@@ -127,7 +127,7 @@ def prepare(
     with atomic_dir(out, force) as tmp:
         writers = {name: ShardWriter(tmp, name, dtype, shard_tokens) for name in SPLITS}
         with tqdm(desc="tokenizing", unit="doc", disable=not progress) as bar:
-            for batch in _batches(cleaner(corpus)):
+            for batch in batched_by_chars(cleaner(corpus), _BATCH_CHARS):
                 tokens: dict[str, list[int]] = {name: [] for name in SPLITS}
                 for text, ids in zip(batch, tokenizer.encode_ordinary_batch(batch)):
                     name = split_of(text, seed, val_fraction)
@@ -244,18 +244,6 @@ def load_shards(directory: PathLike, split: str = "train") -> list[np.memmap]:
         raise InputError(f"split {split!r} of {directory} has no tokens; prepare it with a larger corpus or val_fraction")
     return [np.load(f, mmap_mode="r") for f in files]
 
-
-def _batches(docs: Iterable[str]) -> Iterator[list[str]]:
-    batch: list[str] = []
-    chars = 0
-    for text in docs:
-        batch.append(text)
-        chars += len(text)
-        if chars >= _BATCH_CHARS:
-            yield batch
-            batch, chars = [], 0
-    if batch:
-        yield batch
 
 
 def _table(rows: list[list[str]]) -> str:

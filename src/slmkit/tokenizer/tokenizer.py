@@ -69,8 +69,8 @@ class Tokenizer:
         self.backend = backend
         self._matchers: dict[frozenset[str], regex.Pattern] = {}
 
-        extra = {**self.added_tokens, **self.special_tokens}
-        self.mergeable = [i for i in range(len(vocab)) if i not in set(extra.values())]
+        extra_ids = {*self.added_tokens.values(), *self.special_tokens.values()}
+        self.mergeable = [i for i in range(len(vocab)) if i not in extra_ids]
         token_ids = {vocab[i]: i for i in self.mergeable}
         missing = [b for b in range(256) if bytes([b]) not in token_ids]
         if missing:

@@ -23,6 +23,7 @@ from typing import Iterable, Iterator, Sequence
 import regex
 from tqdm.auto import tqdm
 
+from slmkit.data.corpus import Corpus, batched_by_chars
 from slmkit.errors import TokenizerError
 from slmkit.tokenizer.pretokenize import compiled, resolve_pattern
 from slmkit.tokenizer.tokenizer import DEFAULT_SPECIAL_TOKENS, Tokenizer, utf8_safe
@@ -41,29 +42,23 @@ def _count_batch(args: tuple[list[str], str, str | None]) -> tuple[Counter, int]
     return counts, sum(map(len, texts))
 
 
-def _batches(texts: Iterable[str], batch_chars: int) -> Iterator[list[str]]:
-    """Group documents into batches of about `batch_chars`, cutting very long documents only
-    between a newline and a non-space character, where neither split pattern can match across."""
-    batch: list[str] = []
-    size = 0
+def _pieces(texts: Iterable[str], max_chars: int) -> Iterator[str]:
+    """Documents, with very long ones cut into pieces of about `max_chars` (for parallel counting).
+
+    Cuts fall only between a newline and a non-space character, where neither split pattern can
+    match across, so the counts are exactly those of the uncut text.
+    """
     for text in texts:
         text = utf8_safe(text)
-        while len(text) > batch_chars:
-            cut = text.find("\n", batch_chars)
+        while len(text) > max_chars:
+            cut = text.find("\n", max_chars)
             while cut != -1 and cut + 1 < len(text) and text[cut + 1].isspace():
                 cut = text.find("\n", cut + 1)
             if cut == -1 or cut + 1 >= len(text):
                 break
-            batch.append(text[: cut + 1])
-            yield batch
-            batch, size, text = [], 0, text[cut + 1 :]
-        batch.append(text)
-        size += len(text)
-        if size >= batch_chars:
-            yield batch
-            batch, size = [], 0
-    if batch:
-        yield batch
+            yield text[: cut + 1]
+            text = text[cut + 1 :]
+        yield text
 
 
 def count_words(
@@ -80,7 +75,7 @@ def count_words(
     their bytes must not shape the merges. Batches of text are counted on all cores.
     """
     cut = "|".join(regex.escape(s) for s in sorted(protected, key=len, reverse=True)) or None
-    jobs = ((batch, pattern, cut) for batch in _batches(texts, batch_chars))
+    jobs = ((batch, pattern, cut) for batch in batched_by_chars(_pieces(texts, batch_chars), batch_chars))
     workers = workers or os.cpu_count() or 1
     counts: Counter = Counter()
     with _pool(workers) as pool, tqdm(desc="counting", unit="char", unit_scale=True, disable=not progress) as bar:
@@ -187,8 +182,6 @@ def _texts(corpus: CorpusLike) -> Iterable[str]:
     if isinstance(corpus, os.PathLike):
         corpus = [corpus]
     if isinstance(corpus, (list, tuple)) and corpus and all(isinstance(p, os.PathLike) for p in corpus):
-        from slmkit.data.corpus import Corpus
-
         return Corpus([Path(p) for p in corpus])
     return corpus
 
