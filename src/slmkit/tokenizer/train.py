@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import heapq
+import itertools
 import multiprocessing
 import multiprocessing.pool
 import os
@@ -75,8 +76,10 @@ def count_words(
     their bytes must not shape the merges. Batches of text are counted on all cores.
     """
     cut = "|".join(regex.escape(s) for s in sorted(protected, key=len, reverse=True)) or None
-    jobs = ((batch, pattern, cut) for batch in batched_by_chars(_pieces(texts, batch_chars), batch_chars))
-    workers = workers or os.cpu_count() or 1
+    batches = batched_by_chars(_pieces(texts, batch_chars), batch_chars)
+    head = list(itertools.islice(batches, 2))
+    jobs = ((batch, pattern, cut) for batch in itertools.chain(head, batches))
+    workers = (workers or os.cpu_count() or 1) if len(head) > 1 else 1  # one batch: no processes
     counts: Counter = Counter()
     with _pool(workers) as pool, tqdm(desc="counting", unit="char", unit_scale=True, disable=not progress) as bar:
         for part, chars in pool.imap_unordered(_count_batch, jobs) if pool else map(_count_batch, jobs):

@@ -1,0 +1,52 @@
+"""The `slmkit` command. Each subcommand module registers its parsers; handlers parse nothing
+themselves and call one library function."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+import slmkit
+from slmkit.cli import data, quickstart, tokenizer
+from slmkit.errors import SlmkitError
+
+COMMANDS = (tokenizer, data, quickstart)  # in the order `slmkit --help` lists them
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks of errors")
+    common.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+    parser = argparse.ArgumentParser(
+        prog="slmkit",
+        description="Build and own a small, domain-specific language model: tokenizer, data, model, training, export, serving.",
+        epilog="Run `slmkit COMMAND --help` for the options of each command.",
+    )
+    parser.add_argument("--version", action="version", version=f"slmkit {slmkit.__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    for module in COMMANDS:
+        module.register(commands, common)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.handler(args)
+    except SlmkitError as e:
+        if getattr(args, "debug", False):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
