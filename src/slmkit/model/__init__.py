@@ -1,0 +1,7 @@
+"""The model: one Transformer assembled from a `ModelConfig`."""
+
+from slmkit.config import PRESETS, ModelConfig
+from slmkit.model.attention import KVCache
+from slmkit.model.transformer import Transformer
+
+__all__ = ["ModelConfig", "PRESETS", "Transformer", "KVCache"]

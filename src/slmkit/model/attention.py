@@ -1,0 +1,114 @@
+"""Multi-head attention (MHA / GQA / MQA) with a KV cache, in two implementations.
+
+`reference_attention` spells every step out (scores, mask, softmax, weighted sum); it is the
+one to read. `sdpa_attention` hands the same computation to PyTorch's fused kernel. Tests hold
+them equal for every variant.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from slmkit.config import ModelConfig
+from slmkit.model.layers import NORMS, Positions
+
+
+def reference_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool, dropout: float
+) -> torch.Tensor:
+    """q [B, H, Tq, D], k/v [B, Hkv, Tk, D]; mask: bool (True = may attend) or additive float."""
+    groups = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(groups, dim=1)  # each kv head serves `groups` query heads
+    v = v.repeat_interleave(groups, dim=1)
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])  # [B, H, Tq, Tk]
+    if mask is None and causal:
+        tq, tk = scores.shape[-2:]
+        mask = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(diagonal=tk - tq)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    probs = F.dropout(probs, p=dropout)
+    return probs @ v
+
+
+def sdpa_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool, dropout: float
+) -> torch.Tensor:
+    # is_causal aligns the mask top-left, which is only right when queries and keys coincide;
+    # every other case (decode, chunked prefill, padding) arrives here with an explicit mask.
+    is_causal = causal and mask is None and q.shape[-2] == k.shape[-2]
+    if causal and mask is None and not is_causal:
+        tq, tk = q.shape[-2], k.shape[-2]
+        mask = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(diagonal=tk - tq)
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal, enable_gqa=k.shape[1] != q.shape[1]
+    )
+
+
+ATTENTION = {"reference": reference_attention, "sdpa": sdpa_attention}
+
+
+class KVCache:
+    """Keys and values of every layer for up to `max_len` positions, preallocated once."""
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device: torch.device, dtype: torch.dtype) -> None:
+        shape = (cfg.n_layers, batch_size, cfg.n_kv_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0  # positions filled so far (same for every row)
+        self.max_len = max_len
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new positions of one layer; return all keys and values so far."""
+        end = self.length + k.shape[2]
+        self.k[layer, :, :, self.length : end] = k
+        self.v[layer, :, :, self.length : end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def advance(self, n: int) -> None:
+        self.length += n
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep (and reorder) batch rows, e.g. the surviving beams of beam search."""
+        self.k = self.k[:, rows]
+        self.v = self.v[:, rows]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.cfg, self.layer = cfg, layer
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=cfg.attn_bias)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=cfg.attn_bias)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=cfg.attn_bias)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=cfg.attn_bias)
+        if cfg.qk_norm:
+            self.q_norm = NORMS["rmsnorm"](cfg.head_dim, cfg)
+            self.k_norm = NORMS["rmsnorm"](cfg.head_dim, cfg)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        pos: Positions,
+        mask: torch.Tensor | None,
+        cache: KVCache | None,
+    ) -> torch.Tensor:
+        cfg = self.cfg
+        b, t, _ = x.shape
+        # split heads: [B, T, H*D] -> [B, H, T, D]
+        q = self.q_proj(x).view(b, t, cfg.n_heads, cfg.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = pos.rotate(q, k, positions)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)
+        dropout = cfg.dropout_attn if self.training else 0.0
+        y = ATTENTION[cfg.attention](q, k, v, mask, cfg.causal, dropout)
+        return self.o_proj(y.transpose(1, 2).reshape(b, t, cfg.n_heads * cfg.head_dim))  # merge heads

@@ -1,0 +1,67 @@
+"""Model directories (see DESIGN.md): config.json, model.safetensors, tokenizer files, generation.json."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_model as load_safetensors
+from safetensors.torch import save_model as save_safetensors
+
+from slmkit import __version__
+from slmkit._io import write_json
+from slmkit.config import ModelConfig
+from slmkit.errors import InputError
+from slmkit.model.transformer import Transformer
+from slmkit.tokenizer import Tokenizer
+
+WEIGHTS = "model.safetensors"
+
+
+def save_model_dir(
+    model: Transformer,
+    directory: str | os.PathLike,
+    tokenizer: Tokenizer | None = None,
+    generation: dict[str, Any] | None = None,
+) -> Path:
+    """Write a model directory. Callers that must not leave a partial one write into
+    `slmkit._io.atomic_dir`."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    write_json(directory / "config.json", {**model.cfg.to_dict(), "slmkit_version": __version__})
+    save_safetensors(model, str(directory / WEIGHTS))
+    if tokenizer is not None:
+        tokenizer.save(directory)
+        defaults = {"temperature": 0.8, "top_k": 50, "top_p": 0.95, "max_new_tokens": 256}
+        stops = [tokenizer.eot_token] if tokenizer.eot_token else []
+        write_json(directory / "generation.json", {**defaults, "stop_tokens": stops, **(generation or {})})
+    return directory
+
+
+def load_model(directory: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Transformer:
+    directory = Path(directory)
+    if not (directory / "config.json").is_file():
+        raise InputError(f"{directory} is not a model directory (no config.json)")
+    model = Transformer(ModelConfig.load(directory))
+    weights = directory / WEIGHTS
+    if not weights.is_file():
+        raise InputError(f"{directory} has no {WEIGHTS}")
+    try:
+        load_safetensors(model, str(weights), strict=True)
+    except (SafetensorError, RuntimeError, OSError) as e:
+        raise InputError(f"cannot read weights from {weights} (corrupt, truncated or for another config): {str(e).splitlines()[0]}") from None
+    return model.to(device=device, dtype=dtype).eval() if dtype else model.to(device).eval()
+
+
+def load(directory: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[Transformer, Tokenizer]:
+    """A model directory -> (model in eval mode, tokenizer)."""
+    return load_model(directory, device), Tokenizer.load(directory)
+
+
+def generation_defaults(directory: str | os.PathLike) -> dict[str, Any]:
+    path = Path(directory) / "generation.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}

@@ -1,0 +1,182 @@
+"""The small components a Transformer is assembled from, each chosen by name from a registry."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from slmkit.config import ModelConfig
+
+
+# ---------------------------------------------------------------------------- norms
+class RMSNorm(nn.Module):
+    """x / rms(x) * w, computed in fp32. `plus_one` stores w - 1 (Gemma), so zeros mean identity."""
+
+    def __init__(self, dim: int, eps: float = 1e-5, plus_one: bool = False) -> None:
+        super().__init__()
+        self.eps, self.plus_one = eps, plus_one
+        self.weight = nn.Parameter(torch.zeros(dim) if plus_one else torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        weight = self.weight.float() + 1.0 if self.plus_one else self.weight.float()
+        return (h * weight).to(x.dtype)
+
+
+def layer_norm(dim: int, cfg: ModelConfig) -> nn.Module:
+    return nn.LayerNorm(dim, eps=cfg.norm_eps, bias=cfg.norm_bias)
+
+
+def rms_norm(dim: int, cfg: ModelConfig) -> nn.Module:
+    return RMSNorm(dim, eps=cfg.norm_eps, plus_one=cfg.norm_plus_one)
+
+
+NORMS = {"layernorm": layer_norm, "rmsnorm": rms_norm}
+
+
+# ---------------------------------------------------------------------------- feed-forward
+class MLP(nn.Module):
+    """up -> activation -> down (GPT-2)."""
+
+    def __init__(self, cfg: ModelConfig, activation: nn.Module) -> None:
+        super().__init__()
+        self.up_proj = nn.Linear(cfg.d_model, cfg.ffn_hidden, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.ffn_hidden, cfg.d_model, bias=cfg.mlp_bias)
+        self.act = activation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.up_proj(x)))
+
+
+class GatedMLP(nn.Module):
+    """down(act(gate(x)) * up(x)): SwiGLU with SiLU (Llama), GeGLU with GELU (Gemma)."""
+
+    def __init__(self, cfg: ModelConfig, activation: nn.Module) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.d_model, cfg.ffn_hidden, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.d_model, cfg.ffn_hidden, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.ffn_hidden, cfg.d_model, bias=cfg.mlp_bias)
+        self.act = activation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+MLPS = {
+    "gelu": lambda cfg: MLP(cfg, nn.GELU()),
+    "gelu_tanh": lambda cfg: MLP(cfg, nn.GELU(approximate="tanh")),
+    "swiglu": lambda cfg: GatedMLP(cfg, nn.SiLU()),
+    "geglu": lambda cfg: GatedMLP(cfg, nn.GELU(approximate="tanh")),
+}
+
+
+# ---------------------------------------------------------------------------- positions
+class Positions(nn.Module):
+    """Where position information enters: added to the embeddings, rotated into q/k, or added
+    to the attention scores. The base class does none of these (`pos: none`)."""
+
+    def embed(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def rotate(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return q, k
+
+    def score_bias(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor | None:
+        return None
+
+
+class LearnedPositions(Positions):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.wpe = nn.Embedding(cfg.context_length, cfg.d_model)
+
+    def embed(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return x + self.wpe(positions)
+
+
+class SinusoidalPositions(Positions):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        pos = torch.arange(cfg.context_length, dtype=torch.float32)[:, None]
+        freq = torch.exp(torch.arange(0, cfg.d_model, 2, dtype=torch.float32) * (-math.log(10000.0) / cfg.d_model))
+        table = torch.zeros(cfg.context_length, cfg.d_model)
+        table[:, 0::2] = torch.sin(pos * freq)
+        table[:, 1::2] = torch.cos(pos * freq)[:, : cfg.d_model // 2]
+        self.register_buffer("table", table, persistent=False)
+
+    def embed(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return x + self.table[positions].to(x.dtype)
+
+
+def rope_frequencies(cfg: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies of RoPE, with linear or Llama-3 scaling for longer contexts."""
+    dim = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    scaling = cfg.rope_scaling or {}
+    kind = scaling.get("type", scaling.get("rope_type"))
+    if kind == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif kind == "llama3":
+        factor, low, high = scaling["factor"], scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
+        old_len = scaling.get("original_max_position_embeddings", 8192)
+        wavelen = 2 * math.pi / inv_freq
+        smooth = ((old_len / wavelen) - low) / (high - low)
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        mid = (wavelen <= old_len / low) & (wavelen >= old_len / high)
+        inv_freq = torch.where(mid, (1 - smooth) * inv_freq / factor + smooth * inv_freq, scaled)
+    elif kind not in (None, "default"):
+        raise ValueError(f"unknown rope scaling type {kind!r} (linear or llama3)")
+    return inv_freq
+
+
+class RotaryPositions(Positions):
+    """RoPE in the half-split layout of Llama/HF: pairs (i, i + d/2) rotate together."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.register_buffer("inv_freq", rope_frequencies(cfg), persistent=False)
+
+    def rotate(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        angles = positions[..., None].float() * self.inv_freq  # [B, T, d/2]
+        angles = torch.cat([angles, angles], dim=-1)[:, None]  # [B, 1, T, d]
+        cos, sin = angles.cos(), angles.sin()
+
+        def apply(x: torch.Tensor) -> torch.Tensor:
+            x1, x2 = x.float().chunk(2, dim=-1)
+            return (x.float() * cos + torch.cat([-x2, x1], dim=-1) * sin).to(x.dtype)
+
+        return apply(q), apply(k)
+
+
+class ALiBiPositions(Positions):
+    """A per-head linear penalty on query-key distance instead of any position embedding."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.register_buffer("slopes", alibi_slopes(cfg.n_heads), persistent=False)
+        self.causal = cfg.causal
+
+    def score_bias(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+        distance = (q_pos[:, :, None] - k_pos[:, None, :]).float()  # [B, Tq, Tk]
+        distance = distance.clamp(min=0) if self.causal else distance.abs()
+        return -self.slopes[None, :, None, None] * distance[:, None]  # [B, H, Tq, Tk]
+
+
+def alibi_slopes(n_heads: int) -> torch.Tensor:
+    """Geometric slopes 2^(-8/n), 2^(-16/n), ...; interleaved extras when n is not a power of 2."""
+    closest = 2 ** math.floor(math.log2(n_heads))
+    base = [2 ** (-8 * (i + 1) / closest) for i in range(closest)]
+    extra = [2 ** (-4 * (2 * i + 1) / closest) for i in range(n_heads - closest)]
+    return torch.tensor(base + extra)
+
+
+POSITIONS = {
+    "none": lambda cfg: Positions(),
+    "learned": LearnedPositions,
+    "sinusoidal": SinusoidalPositions,
+    "rope": RotaryPositions,
+    "alibi": ALiBiPositions,
+}

@@ -1,0 +1,144 @@
+"""One decoder (or encoder) Transformer for every family, assembled from a `ModelConfig`.
+
+    x = embed(tokens) [* sqrt(d)] [+ positions]
+    for each block:  x = x + attn(norm(x));  x = x + mlp(norm(x))
+    logits = lm_head(norm(x)) [soft-capped]
+
+Module names follow the Hugging Face Llama layout (embed_tokens, layers.N.self_attn.q_proj, ...)
+so weights map across with little more than a rename.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from slmkit.config import ModelConfig
+from slmkit.errors import InputError
+from slmkit.model.attention import Attention, KVCache
+from slmkit.model.layers import MLPS, NORMS, POSITIONS
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.input_layernorm = NORMS[cfg.norm](cfg.d_model, cfg)
+        self.self_attn = Attention(cfg, layer)
+        self.post_attention_layernorm = NORMS[cfg.norm](cfg.d_model, cfg)
+        self.mlp = MLPS[cfg.mlp](cfg)
+        self.dropout = nn.Dropout(cfg.dropout_resid)
+
+    def forward(self, x, positions, pos, mask, cache):
+        x = x + self.dropout(self.self_attn(self.input_layernorm(x), positions, pos, mask, cache))
+        return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        for name, registry in (("norm", NORMS), ("mlp", MLPS), ("pos", POSITIONS)):
+            if getattr(cfg, name) not in registry:
+                raise InputError(f"unknown {name} {getattr(cfg, name)!r}; choose one of {', '.join(registry)}")
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos = POSITIONS[cfg.pos](cfg)
+        self.dropout = nn.Dropout(cfg.dropout_embd)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = NORMS[cfg.norm](cfg.d_model, cfg)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=cfg.lm_head_bias)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2: scale residual projections by depth
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, mean=0.0, std=cfg.init_std / math.sqrt(2 * cfg.n_layers))
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=self.cfg.init_std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        return_hidden: bool = False,
+    ) -> torch.Tensor:
+        """input_ids [B, T] -> logits [B, T, vocab] (or final hidden states [B, T, d]).
+
+        attention_mask [B, past + T] marks real tokens (1) and padding (0), for left-padded batches;
+        with a `cache`, only the new tokens are passed and the cache supplies the past.
+        """
+        cfg = self.cfg
+        b, t = input_ids.shape
+        past = cache.length if cache is not None else 0
+        total = past + t
+        if total > cfg.context_length:
+            raise InputError(f"sequence of {total} tokens is longer than the model's context length {cfg.context_length}")
+        positions, k_positions, mask = self._positions_and_mask(b, t, past, attention_mask, input_ids.device)
+
+        x = self.embed_tokens(input_ids)
+        if cfg.embed_scale:
+            x = x * torch.tensor(math.sqrt(cfg.d_model), dtype=x.dtype)
+        x = self.dropout(self.pos.embed(x, positions))
+        bias = self.pos.score_bias(positions, k_positions)
+        if bias is not None:  # ALiBi: fold the distance penalty into an additive mask
+            allowed = mask if mask is not None else self._causal(t, total, input_ids.device)
+            mask = bias.masked_fill(~allowed, float("-inf")) if allowed is not None else bias
+        for block in self.layers:
+            x = block(x, positions, self.pos, mask, cache)
+        if cache is not None:
+            cache.advance(t)
+        x = self.norm(x)
+        if return_hidden:
+            return x
+        logits = self.lm_head(x)
+        if cfg.logit_softcap:
+            logits = cfg.logit_softcap * torch.tanh(logits / cfg.logit_softcap)
+        return logits
+
+    def _causal(self, t: int, total: int, device: torch.device) -> torch.Tensor | None:
+        if not self.cfg.causal:
+            return None
+        return torch.ones(t, total, dtype=torch.bool, device=device).tril(diagonal=total - t)
+
+    def _positions_and_mask(self, b, t, past, attention_mask, device):
+        """Positions of the new tokens and of all keys, and a boolean mask when padding needs one."""
+        total = past + t
+        if attention_mask is None:
+            k_positions = torch.arange(total, device=device).expand(b, total)
+            return k_positions[:, past:], k_positions, None
+        if attention_mask.shape != (b, total):
+            raise InputError(f"attention_mask must have shape {(b, total)}, not {tuple(attention_mask.shape)}")
+        valid = attention_mask.bool()
+        k_positions = (valid.long().cumsum(-1) - 1).clamp(min=0)  # left padding does not shift positions
+        allowed = valid[:, None, :].expand(b, t, total)
+        causal = self._causal(t, total, device)
+        if causal is not None:
+            allowed = allowed & causal
+        # a padding query may see nothing else; letting it see itself keeps softmax finite
+        allowed = allowed | _diagonal(t, total, device)
+        return k_positions[:, past:], k_positions, allowed[:, None]
+
+    def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        p = self.embed_tokens.weight
+        return KVCache(self.cfg, batch_size, max_len or self.cfg.context_length, p.device, p.dtype)
+
+    def num_parameters(self, embedding: bool = True) -> int:
+        """Parameters, counting tied weights once; `embedding=False` leaves out the token and
+        position embeddings (the convention of scaling-law papers)."""
+        total = sum(p.numel() for p in self.parameters())
+        if not embedding:
+            total -= self.embed_tokens.weight.numel()
+            if self.cfg.pos == "learned":
+                total -= self.pos.wpe.weight.numel()
+        return total
+
+
+def _diagonal(t: int, total: int, device: torch.device) -> torch.Tensor:
+    """[t, total] True where query i meets its own key (at index total - t + i)."""
+    return torch.arange(total, device=device)[None, :] == torch.arange(total - t, total, device=device)[:, None]
