@@ -29,8 +29,8 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import tiktoken
 import tokenizers
@@ -227,17 +227,33 @@ def machine_info() -> dict:
     return {
         "cpu": cpu, "cpu_count": os.cpu_count(), "python": platform.python_version(),
         "torch": torch.__version__, "tokenizers": tokenizers.__version__, "tiktoken": tiktoken.__version__,
-        "slmkit": getattr(slmkit, "__version__", "?"), "platform": platform.platform(),
+        "slmkit": getattr(slmkit, "__version__", "?"), "slmkit_tokenizer_src": source_digest(),
+        "platform": platform.platform(),
     }
+
+
+def source_digest() -> str:
+    """A short hash of slmkit's tokenizer sources, so a result can be matched to the code it measured."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted((REPO / "src" / "slmkit" / "tokenizer").glob("*.py")):
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:12]
 
 
 def render(res: dict) -> str:
     m = res["machine"]
     lines = [
-        f"Machine: {m['cpu']} ({m['cpu_count']} CPUs); python {m['python']}, torch {m['torch']}, "
-        f"tokenizers {m['tokenizers']}, tiktoken {m['tiktoken']}, slmkit {m['slmkit']}",
-        f"Date: {res['date']}; repeats: {res['repeats']} (median); load average before {res['load_before']}, "
-        f"after {res['load_after']}; wall time {res['wall_s']:.0f} s" + ("; QUICK smoke run" if res["quick"] else ""),
+        (
+            f"Machine: {m['cpu']} ({m['cpu_count']} CPUs); python {m['python']}, torch {m['torch']}, "
+            f"tokenizers {m['tokenizers']}, tiktoken {m['tiktoken']}, slmkit {m['slmkit']} "
+            f"(tokenizer sources sha256 {m['slmkit_tokenizer_src']})"
+        ),
+        (
+            f"Date: {res['date']}; repeats: {res['repeats']} (median); load average before {res['load_before']}, "
+            f"after {res['load_after']}; wall time {res['wall_s']:.0f} s"
+        ) + ("; QUICK smoke run" if res["quick"] else ""),
         "",
         "### Training (byte-level BPE, GPT-4 split regex, 4 special tokens)",
         "",
@@ -256,8 +272,10 @@ def render(res: dict) -> str:
     e = res["encoding_info"]
     lines += [
         "",
-        f"### Encoding python-peps ({e['bytes'] / 1e6:.2f} MB, {e['tokens']:,} tokens, "
-        f"{e['bytes_per_token']:.2f} bytes/token; ids identical across all engines)",
+        (
+            f"### Encoding python-peps ({e['bytes'] / 1e6:.2f} MB, {e['tokens']:,} tokens, "
+            f"{e['bytes_per_token']:.2f} bytes/token; ids identical across all engines)"
+        ),
         "",
     ]
     hf_best = max(r["mb_per_s"] for r in res["encoding"] if r["engine"].startswith("HF"))

@@ -8,9 +8,12 @@ follow another order (imported files), a lookup table maps ranks back to ids.
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import tiktoken
+
+CPUS = os.cpu_count() or 1
 
 
 class FastEncoder:
@@ -42,9 +45,12 @@ class FastEncoder:
         return self._ids(self.encoding.encode_ordinary(text))
 
     def encode_ordinary_batch(self, texts: list[str], num_threads: int | None = None) -> list[list[int]]:
-        threads = min(num_threads or os.cpu_count() or 1, len(texts))
-        if threads <= 1:
-            batch = [self.encoding.encode_ordinary(t) for t in texts]
-        else:
-            batch = self.encoding.encode_ordinary_batch(texts, num_threads=threads)
-        return batch if self.rank_to_id is None else [self._ids(r) for r in batch]
+        """One contiguous slice of `texts` per thread: per-text tasks would cost more than the
+        encoding of short texts. tiktoken releases the GIL, so the slices run in parallel."""
+        threads = max(1, min(num_threads or CPUS, len(texts)))
+        if threads == 1:
+            return [self.encode_ordinary(t) for t in texts]
+        step = -(-len(texts) // threads)
+        slices = [texts[i : i + step] for i in range(0, len(texts), step)]
+        with ThreadPoolExecutor(threads) as pool:
+            return [ids for part in pool.map(lambda part: [self.encode_ordinary(t) for t in part], slices) for ids in part]

@@ -124,6 +124,8 @@ class Tokenizer:
 
     def encode_ordinary(self, text: str) -> list[int]:
         """Text -> ids, with special-token strings encoded as ordinary text (never a special id)."""
+        if not self.added_tokens:
+            return self.encoder.encode_ordinary(self._prepare(text))
         return self.encode_batch([text], disallowed_special=())[0]
 
     def encode_ordinary_batch(self, texts: list[str], num_threads: int | None = None) -> list[list[int]]:

@@ -68,7 +68,7 @@ def count_words(
     protected: Sequence[str] = (),
     progress: bool = False,
     workers: int | None = None,
-    batch_chars: int = 1 << 20,
+    batch_chars: int = 1 << 18,
 ) -> Counter:
     """Distinct pre-tokenized chunks of the corpus (as bytes) with their counts.
 
