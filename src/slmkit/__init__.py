@@ -10,4 +10,15 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 from slmkit.errors import SlmkitError
 from slmkit.tokenizer import Tokenizer, train_bpe
 
-__all__ = ["SlmkitError", "Tokenizer", "train_bpe", "__version__"]
+__all__ = ["SlmkitError", "Tokenizer", "train_bpe", "load", "generate", "__version__"]
+
+# torch-backed parts are imported on first use, so that `import slmkit` (and the tokenizer CLI) stays light
+_LAZY = {"load": "slmkit.model.io", "generate": "slmkit.generation"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'slmkit' has no attribute {name!r}")

@@ -1,0 +1,109 @@
+"""`slmkit generate`, `slmkit chat` and `slmkit eval perplexity`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from slmkit.errors import InputError
+
+
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    """Command-line options over the model's generation.json over the library defaults."""
+    from slmkit.model.io import generation_defaults
+
+    defaults = generation_defaults(args.model)
+    names = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
+             "frequency_penalty", "presence_penalty", "seed")
+    settings = {name: getattr(args, name) if getattr(args, name) is not None else defaults.get(name) for name in names}
+    settings = {name: value for name, value in settings.items() if value is not None}
+    settings["stop_tokens"] = defaults.get("stop_tokens")
+    return settings
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from slmkit.generation import generate, stream
+    from slmkit.model.io import load
+
+    if args.stream and args.num_beams > 1:
+        raise InputError("--stream works with greedy decoding and sampling, not with beam search (--num-beams)")
+    model, tokenizer = load(args.model)
+    settings = _settings(args)
+    if args.stream:
+        for delta in stream(model, tokenizer, args.prompt, stop=args.stop, **settings):
+            sys.stdout.write(delta)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+    else:
+        print(generate(model, tokenizer, args.prompt, stop=args.stop, num_beams=args.num_beams, **settings))
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    from slmkit.generation.chat import ChatSession, repl
+    from slmkit.generation.sampling import SamplingParams
+    from slmkit.model.io import load
+
+    model, tokenizer = load(args.model)
+    settings = _settings(args)
+    settings.pop("stop_tokens")  # the chat format decides what ends a reply
+    max_new_tokens, seed = settings.pop("max_new_tokens", 256), settings.pop("seed", None)
+    repl(ChatSession(model, tokenizer, max_new_tokens, SamplingParams(**settings), seed), sys.stdin, sys.stdout)
+
+
+def cmd_eval_perplexity(args: argparse.Namespace) -> None:
+    from slmkit.eval import perplexity
+    from slmkit.model.io import load
+
+    model, tokenizer = load(args.model)
+    result = perplexity(model, tokenizer, args.paths, args.context, args.stride, args.batch_size, args.text_field,
+                        progress=not args.quiet)
+    print(json.dumps(result.to_dict(), indent=2) if args.json else result.summary())
+
+
+def _sampling_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODEL_DIR", help="model directory")
+    p.add_argument("--max-new-tokens", metavar="N", type=int, help="most tokens to generate (default: generation.json, else 50)")
+    p.add_argument("--temperature", metavar="T", type=float, help="0 is greedy (default: generation.json, else 0)")
+    p.add_argument("--top-k", metavar="K", type=int, help="sample only from the k most likely tokens")
+    p.add_argument("--top-p", metavar="P", type=float, help="sample only from the smallest set of tokens whose probability reaches p")
+    p.add_argument("--min-p", metavar="P", type=float, help="drop tokens less likely than min-p times the most likely one")
+    p.add_argument("--repetition-penalty", metavar="X", type=float, help="> 1 discourages tokens already in prompt or output")
+    p.add_argument("--frequency-penalty", metavar="X", type=float, help="subtracted from a token's logit per occurrence in the output")
+    p.add_argument("--presence-penalty", metavar="X", type=float, help="subtracted from a token's logit once it occurs in the output")
+    p.add_argument("--seed", metavar="N", type=int, help="seed of the sampler, for reproducible output")
+
+
+def register(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    p = commands.add_parser("generate", parents=[common], help="continue a prompt with a model",
+                            description="Generate a continuation of PROMPT (printed without the prompt). Settings not "
+                                        "given come from the model's generation.json.")
+    _sampling_options(p)
+    p.add_argument("prompt", metavar="PROMPT", help="text to continue")
+    p.add_argument("--num-beams", metavar="N", type=int, default=1,
+                   help="beam search with N beams, length-normalized (ignores the sampling options; default: 1)")
+    p.add_argument("--stop", action="append", default=[], metavar="STR", help="end the output before this string (repeat for several)")
+    p.add_argument("--stream", action="store_true", help="print text as it is generated")
+    p.set_defaults(handler=cmd_generate)
+
+    p = commands.add_parser("chat", parents=[common], help="chat with a model in the terminal",
+                            description="Interactive chat on stdin. ChatML when the tokenizer has <|im_start|>/<|im_end|>, "
+                                        "else 'User: ... Assistant:' text. /reset clears the history, /exit or EOF quits. "
+                                        "The oldest turns are dropped when the history outgrows the context.")
+    _sampling_options(p)
+    p.set_defaults(handler=cmd_chat)
+
+    evaluate = commands.add_parser("eval", help="evaluate a model", description="Evaluate a model.")
+    eval_cmds = evaluate.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
+    p = eval_cmds.add_parser("perplexity", parents=[common], help="perplexity and bits-per-byte on text files",
+                             description="Score every token of the documents once, with sliding windows over long "
+                                         "ones; print tokens, mean NLL, perplexity and bits-per-byte.")
+    p.add_argument("model", metavar="MODEL_DIR", help="model directory")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="text files or directories")
+    p.add_argument("--context", metavar="N", type=int, help="window length in tokens (default: the model's context)")
+    p.add_argument("--stride", metavar="N", type=int, help="tokens between window ends; < context gives more context per token (default: context / 2)")
+    p.add_argument("--batch-size", metavar="N", type=int, default=8, help="windows per forward pass (default: 8)")
+    p.add_argument("--text-field", default="text", help="field of .jsonl records / column of .csv files (default: text)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(handler=cmd_eval_perplexity)
