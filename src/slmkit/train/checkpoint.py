@@ -1,0 +1,98 @@
+"""Checkpoints: `RUN/checkpoints/step-N/` = a model directory + `trainer_state/`.
+
+Each checkpoint is built in a hidden temporary directory and renamed into place, so a crash in
+the middle of a save leaves at most a hidden leftover, never a `step-N` that looks complete.
+`trainer_state/state.pt` holds tensors and plain Python values only and is read with
+`weights_only=True` (no arbitrary pickle); `trainer_state/meta.json` is written last.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from slmkit._io import atomic_dir, write_json
+from slmkit.errors import InputError
+from slmkit.model.io import load_model, save_model_dir
+from slmkit.model.transformer import Transformer
+from slmkit.tokenizer import Tokenizer
+
+STATE = "trainer_state"
+_STEP_DIR = re.compile(r"step-(\d+)")
+
+
+def checkpoints_dir(run: Path) -> Path:
+    return run / "checkpoints"
+
+
+def save_checkpoint(run: Path, step: int, model: Transformer, tokenizer: Tokenizer, state: dict[str, Any], keep: int) -> Path:
+    """Write `step-N` atomically, then delete all but the newest `keep` checkpoints."""
+    out = checkpoints_dir(run) / f"step-{step}"
+    with atomic_dir(out, force=True) as tmp:
+        save_model_dir(model, tmp, tokenizer)
+        (tmp / STATE).mkdir()
+        torch.save(state, tmp / STATE / "state.pt")
+        write_json(tmp / STATE / "meta.json", {"step": step, "tokens": state["tokens"]})
+    for old in complete_checkpoints(run)[:-keep]:
+        shutil.rmtree(old)
+    return out
+
+
+def complete_checkpoints(run: Path) -> list[Path]:
+    """`step-N` directories that finished saving, oldest first."""
+    root = checkpoints_dir(run)
+    found = []
+    if root.is_dir():
+        for d in root.iterdir():
+            m = _STEP_DIR.fullmatch(d.name)
+            if m and (d / STATE / "meta.json").is_file():
+                found.append((int(m.group(1)), d))
+    return [d for _, d in sorted(found)]
+
+
+def remove_partial_saves(run: Path) -> None:
+    """Delete hidden temporaries that a killed save left behind."""
+    root = checkpoints_dir(run)
+    if root.is_dir():
+        for d in root.glob(".step-*"):
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def load_checkpoint(path: Path) -> tuple[Transformer, dict[str, Any]]:
+    """(model in train mode, trainer state); a truncated or corrupt checkpoint is an InputError."""
+    model = load_model(path).train()
+    try:
+        state = torch.load(path / STATE / "state.pt", map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError, ... on damage
+        raise InputError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}); delete it to resume from an older one") from None
+    return model, state
+
+
+def rng_state() -> dict[str, Any]:
+    """RNG states of torch, numpy and python, as tensors and plain values (weights_only-safe)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+        "python": [version, list(internal), gauss_next],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
