@@ -98,13 +98,6 @@ def test_data_prepare(tmp_path: Path, corpus: Path, tokenizer_dir: Path, capsys:
     assert manifest["tokenizer"]["vocab_size"] == 300 and manifest["dtype"] == "uint16"
 
 
-def test_quickstart_on_a_given_corpus(tmp_path: Path, corpus: Path, capsys: pytest.CaptureFixture) -> None:
-    out = tmp_path / "qs"
-    assert main(["quickstart", "--corpus", str(corpus), "--out", str(out), "--vocab-size", "300", "-q"]) == 0
-    assert (out / "tokenizer" / "tokenizer.json").is_file() and (out / "data" / "manifest.json").is_file()
-    assert "quickstart finished" in capsys.readouterr().out
-
-
 def binary_file(tmp_path: Path) -> Path:
     path = tmp_path / "blob.txt"
     path.write_bytes(b"\x00\x01\x02binary\x00" * 100)
