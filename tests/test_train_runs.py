@@ -27,8 +27,8 @@ SMALL = dict(d_model=32, n_layers=1, n_heads=2, n_kv_heads=2, context_length=32)
 BIN = Path(sys.executable).parent
 # Memorizes the 9k tokens of the-verdict: trial runs reached loss 0.18 after 300 steps at lr 2e-3 (floor 6.7e-4);
 # lr 3e-3 was worse (0.34 after 400 steps)
-OVERFIT_MODEL = dict(d_model=256, n_layers=2, n_heads=4, n_kv_heads=4, context_length=64)
-OVERFIT_STEPS = 600
+OVERFIT_MODEL = dict(d_model=256, n_layers=2, n_heads=4, n_kv_heads=4, context_length=128)
+OVERFIT_STEPS = 800
 
 
 def make_data(text: str, out: Path, vocab_size: int) -> Path:
@@ -71,10 +71,10 @@ def cli_args(data: Path, out: Path, *extra: str) -> list[str]:
 
 
 # ---------------------------------------------------------------------------- learning
-@pytest.mark.slow  # ~2 min on 2 cores
+@pytest.mark.slow  # ~5 min on one core; does not reach 0.1 yet (0.12-0.15 at 800 steps): tracked in the trainer issue
 def test_overfits_the_verdict(verdict, tmp_path):
     start = time.perf_counter()
-    records = run(verdict, tmp_path / "run", max_steps=OVERFIT_STEPS, batch_size=16, lr=2e-3, min_lr=6.7e-4, warmup_steps=10,
+    records = run(verdict, tmp_path / "run", max_steps=OVERFIT_STEPS, batch_size=16, lr=3e-3, min_lr=1e-3, warmup_steps=10,
                   weight_decay=0.0, log_every=10, model=OVERFIT_MODEL)
     assert losses(records)[-1] < 0.1, losses(records)
     print(f"overfit in {time.perf_counter() - start:.1f} s")
