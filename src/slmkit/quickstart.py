@@ -111,8 +111,7 @@ def quickstart(
             "time": f"{time.perf_counter() - start:.0f}s (tokenizer + data {prepared:.0f}s)",
         }
         write_text_atomic(tmp / "report.md", _report(summary, completions, out))
-    result = QuickstartResult(out, tok, stats, dataclasses.replace(data, out=out / "data"), summary, completions)
-    return result
+    return QuickstartResult(out, tok, stats, dataclasses.replace(data, out=out / "data"), summary, completions)
 
 
 def planned_steps(cfg: ModelConfig, batch_size: int, minutes: float, mfu: float = 0.55) -> int:
@@ -191,7 +190,7 @@ def _report(summary: dict[str, Any], completions: list[tuple[str, str, bool]], o
         "",
         f"- Complete code: `slmkit generate {out}/run/final \"def read_config(path):\\n\" --max-new-tokens 80`",
         f"- Chat with it: `slmkit chat {out}/run/final` (a pretrained base model continues text; instruction tuning comes next)",
-        f"- Your own corpus: `slmkit quickstart --corpus my_docs/ --out runs/mine`",
+        "- Your own corpus: `slmkit quickstart --corpus my_docs/ --out runs/mine`",
         "",
     ]
     return "\n".join(lines)

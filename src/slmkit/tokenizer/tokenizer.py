@@ -80,8 +80,11 @@ class Tokenizer:
             )
         byte_ids = [token_ids[bytes([b])] for b in range(256)]
         merge_ids = {pair: token_ids[vocab[pair[0]] + vocab[pair[1]]] for pair in merges}
-        self._reference = ReferenceEncoder(pattern, byte_ids, merge_ids, token_ids, ignore_merges)
-        self._fast = FastEncoder(pattern, vocab, byte_ids, merge_ids, self.mergeable) if backend == "fast" else None
+        self.encoder: FastEncoder | ReferenceEncoder = (
+            FastEncoder(pattern, vocab, byte_ids, merge_ids, self.mergeable)
+            if backend == "fast"
+            else ReferenceEncoder(pattern, byte_ids, merge_ids, token_ids, ignore_merges)
+        )
 
     # ----------------------------------------------------------------- properties
     @property
@@ -97,10 +100,6 @@ class Tokenizer:
     @property
     def pad_id(self) -> int | None:
         return None if self.pad_token is None else self.special_tokens[self.pad_token]
-
-    @property
-    def encoder(self) -> FastEncoder | ReferenceEncoder:
-        return self._fast or self._reference
 
     def with_backend(self, backend: Backend) -> "Tokenizer":
         """The same tokenizer on another encoding backend (`fast` or `reference`)."""
