@@ -30,3 +30,12 @@ def shared_path(*parts: str) -> Path:
 def shared():
     """`shared("python-peps", "x.txt")` -> Path, skipping when the dataset is absent."""
     return shared_path
+
+
+@pytest.fixture(scope="session")
+def verdict(tmp_path_factory) -> Path:
+    """the-verdict as paragraph documents -> token shards (vocab 512) with a tokenizer beside them."""
+    from train_helpers import make_data
+
+    text = shared_path("the-verdict", "the-verdict.txt").read_text(encoding="utf-8")
+    return make_data(text, tmp_path_factory.mktemp("verdict"), 512)

@@ -16,48 +16,14 @@ import pytest
 import torch
 from conftest import shared_path
 from safetensors.torch import load_file
+from train_helpers import OVERFIT_MODEL, OVERFIT_STEPS, SMALL, losses, make_data, run
 
 from slmkit.cli import main
-from slmkit.data import load_shards, prepare
+from slmkit.data import load_shards
 from slmkit.tokenizer import train_bpe
-from slmkit.train import TrainConfig, pretrain
 from slmkit.train.metrics import read_metrics
 
-SMALL = dict(d_model=32, n_layers=1, n_heads=2, n_kv_heads=2, context_length=32)
 BIN = Path(sys.executable).parent
-# Memorizes the 9k tokens of the-verdict: trial runs reached loss 0.18 after 300 steps at lr 2e-3 (floor 6.7e-4);
-# lr 3e-3 was worse (0.34 after 400 steps)
-OVERFIT_MODEL = dict(d_model=256, n_layers=2, n_heads=4, n_kv_heads=4, context_length=128)
-OVERFIT_STEPS = 800
-
-
-def make_data(text: str, out: Path, vocab_size: int) -> Path:
-    """Paragraphs as documents -> out/tokenizer and out/data (10% of paragraphs for validation)."""
-    paragraphs = [p for p in text.split("\n\n") if p.strip()]
-    tokenizer = train_bpe(paragraphs, vocab_size)
-    tokenizer.save(out / "tokenizer")
-    (out / "docs.jsonl").write_text("".join(json.dumps({"text": p}) + "\n" for p in paragraphs), encoding="utf-8")
-    prepare([out / "docs.jsonl"], tokenizer, out / "data", val_fraction=0.1, dedup="none",
-            max_nonalnum_ratio=None, max_repeated_line_ratio=None, progress=False)
-    return out / "data"
-
-
-@pytest.fixture(scope="module")
-def verdict(tmp_path_factory) -> Path:
-    text = shared_path("the-verdict", "the-verdict.txt").read_text(encoding="utf-8")
-    return make_data(text, tmp_path_factory.mktemp("verdict"), 512)
-
-
-def run(data: Path, out: Path, **settings) -> list[dict]:
-    """Train in-process; the metrics of every step."""
-    model = {} if "init" in settings else {**SMALL, **settings.pop("model", {})}
-    defaults = dict(max_steps=10, batch_size=8, lr=3e-3, warmup_steps=2, eval_every=0, save_every=0, log_every=1, peak_flops=1e11)
-    pretrain(TrainConfig(data=str(data), out=str(out), model=model, **{**defaults, **settings}), force=True, progress=False)
-    return read_metrics(out / "metrics.jsonl")
-
-
-def losses(records: list[dict]) -> list[float]:
-    return [r["loss"] for r in records if "loss" in r]
 
 
 def cli(*args: str, **kw) -> subprocess.CompletedProcess:

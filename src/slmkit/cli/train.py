@@ -12,7 +12,7 @@ from slmkit.config import parse_overrides
 _FLAGS = (
     "data", "out", "preset", "tokenizer", "init", "max_steps", "max_minutes", "batch_size", "grad_accum",
     "lr", "min_lr", "warmup_steps", "weight_decay", "clip", "precision", "compile", "activation_checkpointing",
-    "eval_every", "eval_batches", "save_every", "keep_checkpoints", "log_every", "seed", "peak_flops",
+    "eval_every", "eval_batches", "save_every", "keep_checkpoints", "log_every", "seed", "peak_flops", "log_to",
 )
 
 
@@ -67,6 +67,9 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
     p.add_argument("--keep-checkpoints", type=int, help="checkpoints to keep (default: 3)")
     p.add_argument("--log-every", type=int, help="steps between metrics.jsonl lines (default: 10)")
     p.add_argument("--seed", type=int, help="seed of initialization, data order and masking (default: 0)")
+    p.add_argument("--log-to", type=lambda s: [n for n in s.split(",") if n], metavar="TRACKERS",
+                   help="also send metrics to experiment trackers, comma-separated: tensorboard, wandb, mlflow "
+                        "(each needs its package: pip install 'slmkit[tensorboard]')")
     p.add_argument("--peak-flops", type=float, help="peak FLOP/s per device for MFU (default: measured with a matmul)")
     p.add_argument("--resume", action="store_true", default=False, help="continue --out from its newest complete checkpoint")
     p.add_argument("--force", action="store_true", default=False, help="delete --out if it exists and start over")

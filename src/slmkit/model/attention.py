@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from slmkit.config import ModelConfig
-from slmkit.model.layers import NORMS, Positions
+from slmkit.model.layers import NORMS, apply_rotary
 
 
 def reference_attention(
@@ -39,10 +39,12 @@ def sdpa_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool, dropout: float
 ) -> torch.Tensor:
     # is_causal aligns the mask top-left, which is only right when queries and keys coincide;
-    # every other case (decode, chunked prefill, padding) arrives here with an explicit mask.
-    is_causal = causal and mask is None and q.shape[-2] == k.shape[-2]
-    if causal and mask is None and not is_causal:
-        tq, tk = q.shape[-2], k.shape[-2]
+    # with more keys than queries (chunked prefill) the mask is spelled out. A single query
+    # (decoding) may see every key, so it needs no mask at all.
+    tq, tk = q.shape[-2], k.shape[-2]
+    causal = causal and mask is None and tq > 1
+    is_causal = causal and tq == tk
+    if causal and not is_causal:
         mask = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(diagonal=tk - tq)
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal, enable_gqa=k.shape[1] != q.shape[1]
@@ -93,8 +95,7 @@ class Attention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        positions: torch.Tensor,
-        pos: Positions,
+        rotation: tuple[torch.Tensor, torch.Tensor] | None,
         mask: torch.Tensor | None,
         cache: KVCache | None,
     ) -> torch.Tensor:
@@ -106,7 +107,8 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(b, t, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = pos.rotate(q, k, positions)
+        if rotation is not None:
+            q, k = apply_rotary(q, *rotation), apply_rotary(k, *rotation)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
         dropout = cfg.dropout_attn if self.training else 0.0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from slmkit.config import ModelConfig
@@ -20,10 +21,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim) if plus_one else torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         weight = self.weight.float() + 1.0 if self.plus_one else self.weight.float()
-        return (h * weight).to(x.dtype)
+        return F.rms_norm(x.float(), (x.shape[-1],), weight, self.eps).to(x.dtype)
 
 
 def layer_norm(dim: int, cfg: ModelConfig) -> nn.Module:
@@ -81,8 +80,9 @@ class Positions(nn.Module):
     def embed(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return x
 
-    def rotate(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return q, k
+    def rotation(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(cos, sin) tables for `apply_rotary`, computed once per forward and shared by all layers."""
+        return None
 
     def score_bias(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor | None:
         return None
@@ -139,16 +139,18 @@ class RotaryPositions(Positions):
         super().__init__()
         self.register_buffer("inv_freq", rope_frequencies(cfg), persistent=False)
 
-    def rotate(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def rotation(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         angles = positions[..., None].float() * self.inv_freq  # [B, T, d/2]
-        angles = torch.cat([angles, angles], dim=-1)[:, None]  # [B, 1, T, d]
         cos, sin = angles.cos(), angles.sin()
+        # [B, 1, T, d]: the first half of each pair turns by -sin, the second by +sin
+        return torch.cat([cos, cos], dim=-1)[:, None], torch.cat([-sin, sin], dim=-1)[:, None]
 
-        def apply(x: torch.Tensor) -> torch.Tensor:
-            x1, x2 = x.float().chunk(2, dim=-1)
-            return (x.float() * cos + torch.cat([-x2, x1], dim=-1) * sin).to(x.dtype)
 
-        return apply(q), apply(k)
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each pair (x_i, x_{i+d/2}) of x [B, H, T, d] by its position's angle, in fp32:
+    (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin); rolling by d/2 brings each partner alongside."""
+    h = x.float()
+    return (h * cos + h.roll(x.shape[-1] // 2, dims=-1) * signed_sin).to(x.dtype)
 
 
 class ALiBiPositions(Positions):

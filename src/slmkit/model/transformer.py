@@ -30,8 +30,8 @@ class Block(nn.Module):
         self.mlp = MLPS[cfg.mlp](cfg)
         self.dropout = nn.Dropout(cfg.dropout_resid)
 
-    def forward(self, x, positions, pos, mask, cache):
-        x = x + self.dropout(self.self_attn(self.input_layernorm(x), positions, pos, mask, cache))
+    def forward(self, x, rotation, mask, cache):
+        x = x + self.dropout(self.self_attn(self.input_layernorm(x), rotation, mask, cache))
         return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
 
 
@@ -89,8 +89,9 @@ class Transformer(nn.Module):
         if bias is not None:  # ALiBi: fold the distance penalty into an additive mask
             allowed = mask if mask is not None else self._causal(t, total, input_ids.device)
             mask = bias.masked_fill(~allowed, float("-inf")) if allowed is not None else bias
+        rotation = self.pos.rotation(positions)
         for block in self.layers:
-            x = block(x, positions, self.pos, mask, cache)
+            x = block(x, rotation, mask, cache)
         if cache is not None:
             cache.advance(t)
         x = self.norm(x)

@@ -14,6 +14,7 @@ from typing import Any
 
 from slmkit.config import check_keys
 from slmkit.errors import InputError, MissingExtraError
+from slmkit.train.trackers import check_tracker_names
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -47,6 +48,7 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     peak_flops: float | None = None  # per device, for MFU; None: measured with a matmul
+    log_to: list[str] = field(default_factory=list)  # experiment trackers: tensorboard, wandb, mlflow
 
     def __post_init__(self) -> None:
         positive = ("max_steps", "batch_size", "grad_accum", "eval_batches", "keep_checkpoints", "log_every")
@@ -56,6 +58,7 @@ class TrainConfig:
         for name in ("warmup_steps", "eval_every", "save_every", "weight_decay", "clip"):
             if getattr(self, name) < 0:
                 raise InputError(f"{name} must not be negative, not {getattr(self, name)}")
+        check_tracker_names(self.log_to)
         if self.lr <= 0:
             raise InputError(f"lr must be positive, not {self.lr}")
         if self.min_lr is not None and not 0 <= self.min_lr <= self.lr:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from slmkit.model.transformer import Transformer
+from slmkit.train.trackers import Tracker
 
 
 def flops_per_token(model: Transformer) -> float:
@@ -48,8 +50,8 @@ class MetricsLog:
     """Append-only JSON lines; on resume, lines past the checkpoint's step are dropped so the
     log reads as one uninterrupted run."""
 
-    def __init__(self, path: Path, resume_step: int | None = None) -> None:
-        self.path = path
+    def __init__(self, path: Path, resume_step: int | None = None, trackers: Sequence[Tracker] = ()) -> None:
+        self.path, self.trackers = path, trackers
         if resume_step is None:
             path.write_text("", encoding="utf-8")
         elif path.is_file():
@@ -59,6 +61,12 @@ class MetricsLog:
     def write(self, record: dict[str, Any]) -> None:
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
+        for tracker in self.trackers:
+            tracker.log(record)
+
+    def close(self) -> None:
+        for tracker in self.trackers:
+            tracker.close()
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

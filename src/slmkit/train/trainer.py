@@ -38,6 +38,7 @@ from slmkit.train.optim import build_optimizer
 from slmkit.train.precision import resolve_precision
 from slmkit.train.report import plot_losses, write_report
 from slmkit.train.schedule import lr_at
+from slmkit.train.trackers import open_trackers
 from slmkit.train.setup import build_model, load_tokenizer
 
 
@@ -91,7 +92,10 @@ class Trainer:
         self.scaler = self.precision.scaler()
         if state is not None:
             self._load_state(state)
-        self.log = MetricsLog(self.run / "metrics.jsonl", self.step if latest else None) if self.dist.main else None
+        self.log = None
+        if self.dist.main:
+            trackers = open_trackers(cfg.log_to, self.run, cfg.to_dict())
+            self.log = MetricsLog(self.run / "metrics.jsonl", self.step if latest else None, trackers)
 
         if cfg.activation_checkpointing:
             enable_activation_checkpointing(model)
@@ -173,6 +177,8 @@ class Trainer:
             if last:
                 break
         bar.close()
+        if self.log:
+            self.log.close()
         result = TrainResult(self.run, self.step, self.tokens, loss, val_loss, tok_s, mfu)
         if dist.main:
             self._finish(result)
