@@ -11,6 +11,7 @@ import pytest
 # thread; torch threads on top of test processes oversubscribe the cores and make a tiny
 # forward pass 10-40x slower. Set before anything imports torch.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.umask(0o022)  # file-permission tests expect the common default
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

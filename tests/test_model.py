@@ -307,3 +307,12 @@ def test_weights_for_another_config_are_an_input_error(tmp_path) -> None:
 def test_missing_model_dir_is_an_input_error(tmp_path) -> None:
     with pytest.raises(InputError, match="not a model directory"):
         load_model(tmp_path)
+
+
+def test_replace_derives_sizes_again_unless_they_were_set():
+    base = ModelConfig.from_preset("tiny")  # d_model 256, 4 heads, 2 kv heads, gated MLP
+    wider = base.replace(d_model=512)
+    assert (wider.head_dim, wider.ffn_hidden, wider.n_kv_heads) == (128, 1408, 2)
+    assert base.replace(n_heads=8, n_kv_heads=None).n_kv_heads == 8
+    explicit = ModelConfig.from_preset("llama-1b")  # ffn_hidden 8192 set by the preset
+    assert explicit.replace(d_model=1024, n_heads=16, n_kv_heads=4).ffn_hidden == 8192

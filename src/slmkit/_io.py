@@ -12,6 +12,15 @@ from typing import Any, Iterator
 
 from slmkit.errors import OutputExistsError
 
+_UMASK = os.umask(0o022)  # read once at import (setting it is process-wide), then restored
+os.umask(_UMASK)
+
+
+def _publish(path: Path) -> None:
+    """Give a finished output the permissions of a normally created one: temporary files and
+    directories are private (0600/0700), which would leave a model unreadable to other users."""
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~_UMASK)
+
 
 @contextlib.contextmanager
 def atomic_dir(out: str | os.PathLike, force: bool = False) -> Iterator[Path]:
@@ -26,6 +35,10 @@ def atomic_dir(out: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    for root, dirs, files in os.walk(tmp):
+        for name in dirs + files:
+            _publish(Path(root) / name)
+    _publish(tmp)
     if out.exists():
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         out.rename(old)
@@ -42,6 +55,7 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        _publish(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

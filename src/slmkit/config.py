@@ -97,11 +97,21 @@ class ModelConfig:
             raise InputError(f"{path} is not valid JSON: {e}") from None
 
     def replace(self, **overrides: Any) -> "ModelConfig":
+        """A copy with `overrides`. Sizes that equal their derived value (head_dim = d_model / n_heads,
+        ...) are derived again from the new values; sizes set to anything else stay as they were."""
         check_keys(overrides, type(self))
-        return dataclasses.replace(self, **overrides)
+        values = self.to_dict()
+        for key in _DERIVED:
+            derived = getattr(dataclasses.replace(self, **{k: None for k in _DERIVED}), key)
+            if key not in overrides and values[key] == derived:
+                values[key] = None
+        return type(self)(**{**values, **overrides})
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+_DERIVED = ("n_kv_heads", "head_dim", "ffn_hidden")  # None means: derive in __post_init__
 
 
 def check_keys(values: dict[str, Any], cls: type) -> None:
