@@ -7,7 +7,7 @@ checked equal), so they compute the same function. Timed:
             fp32 and under bf16 autocast; tokens/s and MFU (training FLOPs = 3 x forward FLOPs of
             `slmkit.model.inspect.forward_flops_per_token`) against the matmul peak measured here.
   decode    greedy, batch 1, a 32-token prompt then 128 new tokens through the KV cache:
-            a plain loop over `model(next_ids, cache=cache)` vs HF `generate(do_sample=False)`;
+            `slmkit.generation.generate_ids` (greedy) vs HF `generate(do_sample=False)`;
             both must produce the same tokens.
 
 Runs are interleaved (slmkit, HF, slmkit, ...) and reported as medians after a warm-up.
@@ -36,6 +36,7 @@ import transformers
 
 import slmkit
 from slmkit.config import ModelConfig
+from slmkit.generation.api import generate_ids
 from slmkit.model import Transformer
 from slmkit.model.inspect import forward_flops_per_token
 
@@ -187,15 +188,10 @@ def bench_training(case: Case, repeats: int, steps: int, peaks: dict[str, float]
 
 
 # ---------------------------------------------------------------------------- decode
-@torch.inference_mode()
 def slmkit_greedy(model: Transformer, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
-    cache = model.new_cache(1, prompt.shape[1] + new_tokens)
-    next_ids = model(prompt, cache=cache)[:, -1:].argmax(-1)
-    out = [next_ids]
-    for _ in range(new_tokens - 1):
-        next_ids = model(next_ids, cache=cache)[:, -1:].argmax(-1)
-        out.append(next_ids)
-    return torch.cat(out, dim=1)
+    """slmkit's own generation API (the loop `slmkit generate` runs), greedy, no stop tokens."""
+    (ids,) = generate_ids(model, prompt.tolist(), max_new_tokens=new_tokens)
+    return torch.tensor([ids])
 
 
 @torch.inference_mode()
@@ -251,7 +247,7 @@ def markdown(result: dict) -> str:
                      f"{r['hf_tok_s']:,.0f} | {r['ratio']:.2f}x | {r['slmkit_mfu_fp32_peak']:.0%} | "
                      f"{r['hf_mfu_fp32_peak']:.0%} | {r['slmkit_mfu_own_peak']:.0%} |")
     lines += ["", "Decode, greedy, batch 1, tokens/s, median:", "",
-              "| model | prompt + new | slmkit loop tok/s | HF generate tok/s | slmkit / HF | same tokens |",
+              "| model | prompt + new | slmkit generate tok/s | HF generate tok/s | slmkit / HF | same tokens |",
               "|---|---|---:|---:|---:|---|"]
     for r in result["decode"]:
         lines.append(f"| {r['case']} | {r['prompt']} + {r['new_tokens']} | {r['slmkit_tok_s']:,.0f} | "
