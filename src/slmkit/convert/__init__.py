@@ -1,6 +1,6 @@
 """Open-weights interop: Hugging Face checkpoints in and out, with exact logit parity."""
 
-__all__ = ["from_hf", "to_hf", "resize_token_embeddings"]
+__all__ = ["from_hf", "resize_token_embeddings", "to_hf"]
 
 # torch-backed parts are imported on first use, so that the CLI can list the families cheaply
 _LAZY = {"from_hf": "slmkit.convert.import_hf", "to_hf": "slmkit.convert.export_hf", "resize_token_embeddings": "slmkit.model.resize"}
