@@ -46,7 +46,9 @@ def from_hf(
     shapes = {name: p.shape for name, p in model.state_dict().items()}
     tied = {"lm_head.weight"} if cfg.tie_embeddings else set()
     state = import_tensors(read_checkpoint(directory), family.tensors(cfg), shapes, ignore=tied)
-    model.load_state_dict(state, strict=not cfg.tie_embeddings)
+    missing, _ = model.load_state_dict(state, strict=False)
+    if set(missing) - tied:  # a mapping that forgot a tensor would leave it randomly initialized
+        raise InputError(f"the {family.name} mapping gives no value for {min(set(missing) - tied)}")
     model = model.to(DTYPES[dtype]).eval()
     tokenizer = _tokenizer(directory)
     with atomic_dir(out, force=force) as tmp:
