@@ -53,6 +53,12 @@ class ModelConfig:
     dropout_resid: float = 0.0
     init_std: float = 0.02
     attention: str = "sdpa"  # sdpa (fast) | reference (from scratch); same numbers
+    attn_out_bias: bool | None = None  # None: = attn_bias (Qwen2 has q/k/v biases but none on o_proj)
+    attn_scale: float | None = None  # None: 1/sqrt(head_dim) (Gemma 2: query_pre_attn_scalar ** -0.5)
+    attn_softcap: float | None = None  # cap * tanh(scores / cap) on attention scores (Gemma 2)
+    sliding_window: int | None = None  # a query sees at most this many keys, itself included (Mistral, Gemma 2)
+    sliding_window_layers: list[int] | None = None  # layers that use the window; None: all of them
+    output_norms: bool = False  # norm the attention and MLP outputs before the residual add (Gemma 2)
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
@@ -69,6 +75,8 @@ class ModelConfig:
                 self.ffn_hidden = -(-hidden // self.ffn_multiple_of) * self.ffn_multiple_of
             else:
                 self.ffn_hidden = 4 * self.d_model
+        if self.attn_out_bias is None:
+            self.attn_out_bias = self.attn_bias
         if self.pos == "rope" and self.head_dim % 2:
             raise InputError(f"rope needs an even head_dim, not {self.head_dim}")
 

@@ -4,4 +4,4 @@ from slmkit.config import PRESETS, ModelConfig
 from slmkit.model.attention import KVCache
 from slmkit.model.transformer import Transformer
 
-__all__ = ["ModelConfig", "PRESETS", "Transformer", "KVCache"]
+__all__ = ["PRESETS", "KVCache", "ModelConfig", "Transformer"]

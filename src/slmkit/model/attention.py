@@ -18,13 +18,18 @@ from slmkit.model.layers import NORMS, apply_rotary
 
 
 def reference_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool, dropout: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool, dropout: float,
+    scale: float | None = None, softcap: float | None = None,
 ) -> torch.Tensor:
-    """q [B, H, Tq, D], k/v [B, Hkv, Tk, D]; mask: bool (True = may attend) or additive float."""
+    """q [B, H, Tq, D], k/v [B, Hkv, Tk, D]; mask: bool (True = may attend) or additive float.
+    `scale` defaults to 1/sqrt(D); `softcap` squashes scores into (-softcap, softcap)."""
     groups = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(groups, dim=1)  # each kv head serves `groups` query heads
     v = v.repeat_interleave(groups, dim=1)
-    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])  # [B, H, Tq, Tk]
+    scores = q @ k.transpose(-2, -1)  # [B, H, Tq, Tk]
+    scores = scores * scale if scale else scores / math.sqrt(q.shape[-1])
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
     if mask is None and causal:
         tq, tk = scores.shape[-2:]
         mask = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(diagonal=tk - tq)
@@ -36,8 +41,11 @@ def reference_attention(
 
 
 def sdpa_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool, dropout: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool, dropout: float,
+    scale: float | None = None, softcap: float | None = None,
 ) -> torch.Tensor:
+    if softcap:  # the fused kernel has no score soft-capping
+        return reference_attention(q, k, v, mask, causal, dropout, scale, softcap)
     # is_causal aligns the mask top-left, which is only right when queries and keys coincide;
     # with more keys than queries (chunked prefill) the mask is spelled out. A single query
     # (decoding) may see every key, so it needs no mask at all.
@@ -47,7 +55,7 @@ def sdpa_attention(
     if causal and not is_causal:
         mask = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(diagonal=tk - tq)
     return F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal, enable_gqa=k.shape[1] != q.shape[1]
+        q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal, scale=scale, enable_gqa=k.shape[1] != q.shape[1]
     )
 
 
@@ -87,7 +95,8 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=cfg.attn_bias)
         self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=cfg.attn_bias)
         self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=cfg.attn_bias)
-        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=cfg.attn_bias)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=cfg.attn_out_bias)
+        self.sliding = cfg.sliding_window is not None and (cfg.sliding_window_layers is None or layer in cfg.sliding_window_layers)
         if cfg.qk_norm:
             self.q_norm = NORMS["rmsnorm"](cfg.head_dim, cfg)
             self.k_norm = NORMS["rmsnorm"](cfg.head_dim, cfg)
@@ -112,5 +121,5 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
         dropout = cfg.dropout_attn if self.training else 0.0
-        y = ATTENTION[cfg.attention](q, k, v, mask, cfg.causal, dropout)
+        y = ATTENTION[cfg.attention](q, k, v, mask, cfg.causal, dropout, cfg.attn_scale, cfg.attn_softcap)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, cfg.n_heads * cfg.head_dim))  # merge heads

@@ -29,10 +29,13 @@ class Block(nn.Module):
         self.post_attention_layernorm = NORMS[cfg.norm](cfg.d_model, cfg)
         self.mlp = MLPS[cfg.mlp](cfg)
         self.dropout = nn.Dropout(cfg.dropout_resid)
+        # Gemma 2 also norms each sublayer's output ("sandwich" norms); elsewhere these do nothing
+        self.attn_output_norm = NORMS[cfg.norm](cfg.d_model, cfg) if cfg.output_norms else nn.Identity()
+        self.mlp_output_norm = NORMS[cfg.norm](cfg.d_model, cfg) if cfg.output_norms else nn.Identity()
 
     def forward(self, x, rotation, mask, cache):
-        x = x + self.dropout(self.self_attn(self.input_layernorm(x), rotation, mask, cache))
-        return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
+        x = x + self.dropout(self.attn_output_norm(self.self_attn(self.input_layernorm(x), rotation, mask, cache)))
+        return x + self.dropout(self.mlp_output_norm(self.mlp(self.post_attention_layernorm(x))))
 
 
 class Transformer(nn.Module):
@@ -90,8 +93,9 @@ class Transformer(nn.Module):
             allowed = mask if mask is not None else self._causal(t, total, input_ids.device)
             mask = bias.masked_fill(~allowed, float("-inf")) if allowed is not None else bias
         rotation = self.pos.rotation(positions)
+        window_mask = self._window(mask, positions, k_positions, t, total) if cfg.sliding_window else None
         for block in self.layers:
-            x = block(x, rotation, mask, cache)
+            x = block(x, rotation, window_mask if block.self_attn.sliding else mask, cache)
         if cache is not None:
             cache.advance(t)
         x = self.norm(x)
@@ -106,6 +110,15 @@ class Transformer(nn.Module):
         if not self.cfg.causal:
             return None
         return torch.ones(t, total, dtype=torch.bool, device=device).tril(diagonal=total - t)
+
+    def _window(self, mask, positions, k_positions, t, total):
+        """`mask` narrowed to the last `sliding_window` keys of each query (bool, or additive with ALiBi)."""
+        near = (positions[:, :, None] - k_positions[:, None, :]) < self.cfg.sliding_window  # [B, Tq, Tk]
+        near = near[:, None] | _diagonal(t, total, positions.device)  # a padding query still sees itself
+        if mask is None:
+            causal = self._causal(t, total, positions.device)
+            return near if causal is None else near & causal
+        return mask & near if mask.dtype == torch.bool else mask.masked_fill(~near, float("-inf"))
 
     def _positions_and_mask(self, b, t, past, attention_mask, device):
         """Positions of the new tokens and of all keys, and a boolean mask when padding needs one."""

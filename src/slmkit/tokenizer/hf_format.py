@@ -18,6 +18,8 @@ from slmkit.errors import InputError, TokenizerError
 from slmkit.tokenizer.pretokenize import GPT2_PATTERN, str_to_token, token_to_str
 from slmkit.tokenizer.tokenizer import EOT, PAD, Backend, Tokenizer
 
+HF_BACKEND_KEY = "slmkit_tokenizer_backend"  # in tokenizer_config.json: "hf" for imported tokenizers
+
 
 def to_hf_json(tok: Tokenizer) -> dict[str, Any]:
     extra = {**tok.added_tokens, **tok.special_tokens}
@@ -77,15 +79,21 @@ def save_tokenizer(tok: Tokenizer, directory: str | os.PathLike) -> Path:
             "unk_token": None,
             "clean_up_tokenization_spaces": False,
             "model_max_length": 1_000_000_000,
+            **({"chat_template": tok.chat_template} if tok.chat_template else {}),
         },
     )
     return directory
 
 
-def load_tokenizer(path: str | os.PathLike, backend: Backend = "fast") -> Tokenizer:
+def load_tokenizer(path: str | os.PathLike, backend: Backend | None = None) -> Tokenizer:
     path = Path(path)
     if not path.exists():
         raise InputError(f"tokenizer path {path} does not exist")
+    if backend == "hf" or (backend is None and runs_on_hf(path)):
+        from slmkit.tokenizer.hf_backend import HFTokenizer
+
+        return HFTokenizer.load_dir(path if path.is_dir() else path.parent)
+    backend = backend or "fast"
     if path.is_dir():
         if (path / "tokenizer.json").is_file():
             return _from_tokenizer_json(path / "tokenizer.json", backend)
@@ -93,6 +101,12 @@ def load_tokenizer(path: str | os.PathLike, backend: Backend = "fast") -> Tokeni
             return _from_vocab_merges(path / "vocab.json", path / "merges.txt", backend)
         raise InputError(f"{path} holds neither tokenizer.json nor vocab.json + merges.txt")
     return _from_tokenizer_json(path, backend)
+
+
+def runs_on_hf(path: Path) -> bool:
+    """Whether the tokenizer at `path` was imported with a model and runs on the HF library."""
+    config = (path if path.is_dir() else path.parent) / "tokenizer_config.json"
+    return config.is_file() and _read_json(config).get(HF_BACKEND_KEY) == "hf"
 
 
 def _read_json(path: Path) -> Any:
@@ -179,9 +193,22 @@ def _build(
     except KeyError as e:
         raise TokenizerError(f"{directory}: merge uses {e.args[0]!r}, which is not in the vocabulary") from None
     eot, pad = _special_names(directory, specials)
-    return Tokenizer(
-        vocab, merge_ids, pattern, specials, domain, eot_token=eot, pad_token=pad, backend=backend, **options
-    )
+    tok = Tokenizer(vocab, merge_ids, pattern, specials, domain, eot_token=eot, pad_token=pad, backend=backend, **options)
+    tok.chat_template = chat_template_of(directory)
+    return tok
+
+
+def chat_template_of(directory: Path) -> str | None:
+    """The default chat template: `chat_template.jinja`, else tokenizer_config.json's `chat_template`
+    (a string, or a list of named templates of which "default" is used)."""
+    if (directory / "chat_template.jinja").is_file():
+        return (directory / "chat_template.jinja").read_text(encoding="utf-8")
+    config_path = directory / "tokenizer_config.json"
+    template = _read_json(config_path).get("chat_template") if config_path.is_file() else None
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template}
+        template = named.get("default", next(iter(named.values()), None))
+    return template
 
 
 def _from_tokenizer_json(path: Path, backend: Backend) -> Tokenizer:

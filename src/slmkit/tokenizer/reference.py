@@ -7,6 +7,8 @@ learned earliest (lowest rank), exactly as training applied the merges. The fast
 
 from __future__ import annotations
 
+import itertools
+
 from slmkit.tokenizer.pretokenize import compiled
 
 
@@ -46,7 +48,7 @@ class ReferenceEncoder:
             return [self.token_ids[chunk]]
         ids = [self.byte_ids[b] for b in chunk]
         while len(ids) >= 2:
-            pair = min(zip(ids, ids[1:]), key=lambda p: self.ranks.get(p, len(self.ranks)))
+            pair = min(itertools.pairwise(ids), key=lambda p: self.ranks.get(p, len(self.ranks)))
             if pair not in self.ranks:
                 break
             ids = merge_pair(ids, pair, self.merges[pair])

@@ -12,9 +12,10 @@ import hashlib
 import json
 import os
 import unicodedata
+from collections.abc import Collection, Iterator
 from functools import cached_property
 from pathlib import Path
-from typing import Collection, Iterator, Literal
+from typing import Literal
 
 import regex
 
@@ -26,7 +27,7 @@ EOT = "<|endoftext|>"
 PAD = "<|pad|>"
 DEFAULT_SPECIAL_TOKENS = (EOT, PAD, "<|im_start|>", "<|im_end|>")
 
-Backend = Literal["fast", "reference"]
+Backend = Literal["fast", "reference", "hf"]
 AllowedSpecial = Literal["all"] | Collection[str]
 
 
@@ -42,6 +43,9 @@ def utf8_safe(text: str) -> str:
 
 class Tokenizer:
     """Encode text to ids and back. Build one with `train_bpe` or `Tokenizer.load(dir)`."""
+
+    chat_template: str | None = None  # Jinja template of chat prompts, from tokenizer_config.json
+    bos_token: str | None = None  # beginning-of-text token that chat templates may use
 
     def __init__(
         self,
@@ -101,13 +105,15 @@ class Tokenizer:
     def pad_id(self) -> int | None:
         return None if self.pad_token is None else self.special_tokens[self.pad_token]
 
-    def with_backend(self, backend: Backend) -> "Tokenizer":
+    def with_backend(self, backend: Backend) -> Tokenizer:
         """The same tokenizer on another encoding backend (`fast` or `reference`)."""
-        return Tokenizer(
+        other = Tokenizer(
             self.vocab, self.merges, self.pattern, self.special_tokens, self.added_tokens,
             normalizer=self.normalizer, ignore_merges=self.ignore_merges,
             eot_token=self.eot_token, pad_token=self.pad_token, backend=backend,
         )
+        other.chat_template = self.chat_template
+        return other
 
     # ----------------------------------------------------------------- encoding
     def encode(
@@ -150,6 +156,10 @@ class Tokenizer:
                         f"text contains the special token {found.group()!r}; pass allowed_special={{{found.group()!r}}} "
                         "to encode it as that token, or disallowed_special=() to encode it as ordinary text"
                     )
+        return self._encode_checked(texts, allowed, num_threads)
+
+    def _encode_checked(self, texts: list[str], allowed: frozenset[str], num_threads: int | None) -> list[list[int]]:
+        """Encode texts already checked for disallowed specials; `allowed` specials become their ids."""
         if not self.added_tokens and not allowed:
             return self.encoder.encode_ordinary_batch(texts, num_threads)
         pieces = [list(self._segments(t, allowed)) for t in texts]
@@ -198,6 +208,20 @@ class Tokenizer:
         if start < len(text):
             yield text[start:], None
 
+    # ----------------------------------------------------------------- chat
+    def apply_chat_template(
+        self, messages: list[dict], add_generation_prompt: bool = False, tokenize: bool = False, **variables
+    ) -> str | list[int]:
+        """Render `messages` ([{"role": ..., "content": ...}]) with the tokenizer's Jinja chat template
+        (from tokenizer_config.json), in a sandbox; the text, or its ids when `tokenize`."""
+        from slmkit.tokenizer.chat_template import render_chat_template
+
+        if not self.chat_template:
+            raise TokenizerError("this tokenizer has no chat template (tokenizer_config.json has no chat_template)")
+        specials = {"bos_token": self.bos_token, "eos_token": self.eot_token, "pad_token": self.pad_token}
+        text = render_chat_template(self.chat_template, messages, add_generation_prompt, **{**specials, **variables})
+        return self.encode(text, allowed_special="all") if tokenize else text
+
     # ----------------------------------------------------------------- decoding
     def decode_bytes(self, ids: list[int]) -> bytes:
         try:
@@ -222,8 +246,9 @@ class Tokenizer:
         return save_tokenizer(self, directory)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, backend: Backend = "fast") -> "Tokenizer":
-        """Load a directory or file: `tokenizer.json`, or GPT-2 style `vocab.json` + `merges.txt`."""
+    def load(cls, path: str | os.PathLike, backend: Backend | None = None) -> Tokenizer:
+        """Load a directory or file: `tokenizer.json`, or GPT-2 style `vocab.json` + `merges.txt`.
+        `backend` None: `hf` for tokenizers imported with a model (see `slmkit.convert`), else `fast`."""
         from slmkit.tokenizer.hf_format import load_tokenizer
 
         return load_tokenizer(path, backend=backend)

@@ -18,8 +18,8 @@ import multiprocessing
 import multiprocessing.pool
 import os
 from collections import Counter, defaultdict
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
 
 import regex
 from tqdm.auto import tqdm
@@ -115,7 +115,7 @@ def learn_merges(word_counts: Counter, n_merges: int, progress: bool = False) ->
     pair_counts: dict[tuple[int, int], int] = defaultdict(int)
     where: dict[tuple[int, int], set[int]] = defaultdict(set)
     for wi, (word, freq) in enumerate(zip(words, freqs)):
-        for pair in zip(word, word[1:]):
+        for pair in itertools.pairwise(word):
             pair_counts[pair] += freq
             where[pair].add(wi)
     heap = [(-count, pair) for pair, count in pair_counts.items()]

@@ -1,0 +1,68 @@
+"""Export an slmkit model directory in a Hugging Face family's format (transformers, vLLM)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import save_file
+
+from slmkit._io import atomic_dir, write_json
+from slmkit.convert.families import FAMILIES, family_for
+from slmkit.convert.weights import export_tensors
+from slmkit.errors import InputError
+from slmkit.model.io import generation_defaults, load_model
+from slmkit.tokenizer import Tokenizer
+from slmkit.tokenizer.hf_format import HF_BACKEND_KEY
+
+
+def to_hf(model_dir: str | os.PathLike, out: str | os.PathLike, family: str | None = None, *, force: bool = False) -> Path:
+    """Write config.json, model.safetensors, tokenizer files and generation_config.json that
+    `transformers.AutoModelForCausalLM.from_pretrained(out)` loads without custom code.
+
+    `family` (e.g. "llama") picks the format; by default the first family that expresses the
+    config exactly. A config no family expresses is an error naming the fields in the way.
+    """
+    model = load_model(model_dir)
+    cfg = model.cfg
+    if family is None:
+        fam = family_for(cfg)
+    elif family not in FAMILIES:
+        raise InputError(f"unknown family {family!r}; supported: {', '.join(FAMILIES)}")
+    else:
+        fam = FAMILIES[family]
+        if blockers := fam.blockers(cfg):
+            raise InputError(f"this model cannot be written as {family}: {'; '.join(blockers)}")
+    model_dir = Path(model_dir)
+    tokenizer = Tokenizer.load(model_dir) if (model_dir / "tokenizer.json").is_file() else None
+    ids = _token_ids(tokenizer, generation_defaults(model_dir))
+    hf_config = {"architectures": [fam.architecture], "model_type": fam.name, **fam.write(cfg), **ids,
+                 "dtype": str(model.embed_tokens.weight.dtype).removeprefix("torch.")}
+    tensors = fam.tensors(cfg)
+    with atomic_dir(out, force=force) as tmp:
+        save_file(export_tensors(model.state_dict(), tensors), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        write_json(tmp / "config.json", hf_config)
+        write_json(tmp / "generation_config.json", {k: v for k, v in ids.items() if v is not None})
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+            config_path = tmp / "tokenizer_config.json"
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+            config.pop(HF_BACKEND_KEY, None)
+            write_json(config_path, config)
+    return Path(out)
+
+
+def _token_ids(tokenizer: Tokenizer | None, generation: dict[str, Any]) -> dict[str, Any]:
+    """bos/eos/pad ids for config.json: eos from generation.json's stop tokens, else the tokenizer's."""
+    if tokenizer is None:
+        return {}
+    known = {**tokenizer.added_tokens, **tokenizer.special_tokens}
+    stops = [known.get(s, s) for s in generation.get("stop_tokens", [])]
+    stops = [s for s in stops if isinstance(s, int)] or ([tokenizer.eot_id] if tokenizer.eot_token else [])
+    return {
+        "bos_token_id": known.get(tokenizer.bos_token) if tokenizer.bos_token else None,
+        "eos_token_id": (stops[0] if len(stops) == 1 else stops) if stops else None,
+        "pad_token_id": tokenizer.pad_id,
+    }
