@@ -25,9 +25,9 @@ from slmkit.data.corpus import Corpus
 from slmkit.errors import InputError, OutputExistsError, QualityBudgetError
 from slmkit.eval.perplexity import perplexity_of_texts
 from slmkit.model.transformer import Transformer
+from slmkit.quant import METHODS
 from slmkit.tokenizer import Tokenizer
 
-METHODS = ("int8", "int4", "gptq", "smoothquant", "fp8")
 NEEDS_CALIBRATION = ("gptq", "smoothquant")
 DEFAULT_GROUP_SIZE = {"int8": None, "int4": 128, "gptq": 128, "smoothquant": None, "fp8": None}
 REPORT = "quant_report"

@@ -27,7 +27,13 @@ from tqdm.auto import tqdm
 
 from slmkit.errors import InputError
 from slmkit.model.transformer import Transformer
-from slmkit.quant.calibration import BlockInput, StopForward, block_inputs, linear_groups, run_block
+from slmkit.quant.calibration import (
+    BlockInput,
+    StopForward,
+    block_inputs,
+    linear_groups,
+    run_block,
+)
 from slmkit.quant.linear import QuantizedLinear, set_module
 from slmkit.quant.rtn import check_group_size, qparams, quantize_codes
 

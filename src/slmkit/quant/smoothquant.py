@@ -18,7 +18,6 @@ import torch
 from torch import nn
 
 from slmkit.model.transformer import Transformer
-from slmkit.quant.calibration import block_inputs
 from slmkit.quant.linear import W8A8Linear, set_module, target_linears
 from slmkit.quant.rtn import quantize_rtn
 
