@@ -104,13 +104,16 @@ def quantize_model(model: Transformer, method: str, *, group_size: int | None = 
 def held_out_texts(tokenizer: Tokenizer, paths: Sequence[str | os.PathLike], max_tokens: int) -> list[str]:
     """The documents of `paths`, cut after `max_tokens` tokens in all."""
     texts, total = [], 0
-    for text in Corpus(list(paths)):
-        ids = tokenizer.encode_ordinary(text)
-        if total + len(ids) > max_tokens:
-            texts.append(tokenizer.decode(ids[: max_tokens - total]))
-            break
-        texts.append(text)
-        total += len(ids)
+    try:
+        for text in Corpus(list(paths)):
+            ids = tokenizer.encode_ordinary(text)
+            if total + len(ids) > max_tokens:
+                texts.append(tokenizer.decode(ids[: max_tokens - total]))
+                break
+            texts.append(text)
+            total += len(ids)
+    except InputError as e:
+        raise InputError(f"held-out text: {e}") from None
     texts = [t for t in texts if t]
     if not texts:
         raise InputError(f"the held-out text {', '.join(map(str, paths))} is empty; pass --eval FILES with text")
@@ -208,7 +211,7 @@ def quantize(
     from slmkit.model.io import load, save_model_dir
     from slmkit.quant.calibration import calibration_windows
 
-    group_size = resolve_group_size(method, group_size)
+    resolve_group_size(method, group_size)  # bad method or group size: fail before any work
     if Path(out).exists() and not force:
         raise OutputExistsError(f"output {out} already exists; pass --force to overwrite it")
     if method in NEEDS_CALIBRATION and not calib:
@@ -219,18 +222,17 @@ def quantize(
     if max_ppl_increase is not None and max_ppl_increase < 0:
         raise InputError(f"--max-ppl-increase must be >= 0 percent, not {max_ppl_increase}")
     model, tokenizer = load(model_dir)
-    check_group_sizes(model, method, group_size)
-
-    texts = held_out_texts(tokenizer, eval_paths, eval_tokens)
-    prompt = tokenizer.encode_ordinary(texts[0])[:16] or [tokenizer.eot_id]
-    before = perplexity_of_texts(model, tokenizer, texts, progress=progress)
-    tps_before = decode_tokens_per_s(model, prompt)
+    check_group_sizes(model, method, resolve_group_size(method, group_size))
 
     calib_ids, calibration = None, None
     if method in NEEDS_CALIBRATION:
         seq_len = calib_seq_len or min(512, model.cfg.context_length)
         calib_ids = calibration_windows(tokenizer, calib, calib_samples, seq_len, seed)
         calibration = {"files": [str(p) for p in calib], "samples": len(calib_ids), "seq_len": calib_ids.shape[1]}
+    texts = held_out_texts(tokenizer, eval_paths, eval_tokens)
+    prompt = tokenizer.encode_ordinary(texts[0])[:16] or [tokenizer.eot_id]
+    before = perplexity_of_texts(model, tokenizer, texts, progress=progress)
+    tps_before = decode_tokens_per_s(model, prompt)
     torch.manual_seed(seed)
     section = quantize_model(model, method, group_size=group_size, symmetric=symmetric, calib_ids=calib_ids,
                              alpha=alpha, act_order=act_order, damp=damp, progress=progress)

@@ -26,8 +26,11 @@ def calibration_windows(tokenizer: Tokenizer, paths: Iterable[str | os.PathLike]
     paths = list(paths)
     sep = [tokenizer.eot_id] if tokenizer.eot_token else []
     ids: list[int] = []
-    for text in Corpus(paths):
-        ids += sep + tokenizer.encode_ordinary(text)
+    try:
+        for text in Corpus(paths):
+            ids += sep + tokenizer.encode_ordinary(text)
+    except InputError as e:
+        raise InputError(f"calibration data: {e}") from None
     if len(ids) - len(sep) < 2:
         raise InputError(f"calibration data is empty: {', '.join(map(str, paths))} hold no text; pass --calib FILES with text like the model's")
     tokens = torch.tensor(ids)
