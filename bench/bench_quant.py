@@ -10,6 +10,7 @@ shard is decoded into documents, calibration windows are cut from the train shar
 files with --eval / --calib.
 
     .venv/bin/python bench/bench_quant.py runs/quickstart/run/final --data runs/quickstart/data --kernels
+    .venv/bin/python bench/bench_quant.py runs/quickstart/run/final --only kernels
 """
 
 from __future__ import annotations
@@ -60,9 +61,12 @@ def shard_windows(path: Path, samples: int, seq_len: int, seed: int) -> torch.Te
     return torch.stack([torch.from_numpy(np.array(ids[s : s + seq_len], dtype=np.int64)) for s in starts])
 
 
-def timed(fn, repeats: int = 7, number: int = 20) -> float:
-    for _ in range(3):
-        fn()
+def timed(fn, repeats: int = 5, seconds: float = 0.2) -> float:
+    """Median microseconds per call; each of `repeats` rounds runs about `seconds`."""
+    fn()
+    start = time.perf_counter()
+    fn()
+    number = max(1, int(seconds / max(time.perf_counter() - start, 1e-7)))
     runs = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -91,24 +95,8 @@ def kernel_row(n: int, k: int, m: int) -> dict:
             "W8A8 emulated": timed(lambda: w8a8(False)), "W8A8 _int_mm": timed(lambda: w8a8(True))}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("model", help="model directory (fp32)")
-    parser.add_argument("--data", type=Path, help="token-shard directory with train_000000.npy and val_000000.npy")
-    parser.add_argument("--eval", nargs="+", help="held-out text files (instead of the val shard)")
-    parser.add_argument("--calib", nargs="+", help="calibration text files (instead of the train shard)")
-    parser.add_argument("--eval-tokens", type=int, default=16384, help="held-out tokens scored (default: 16384)")
-    parser.add_argument("--calib-samples", type=int, default=128, help="calibration windows (default: 128)")
-    parser.add_argument("--group-size", type=int, default=128,
-                        help="int4 group size (default: 128; the largest of 128, 64, 32 that divides every layer is used)")
-    parser.add_argument("--kernels", action="store_true", help="also time the int8 matmul kernels")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
-    parser.add_argument("--out", help="also write the results as JSON here")
-    args = parser.parse_args(argv)
-    if not (args.data or (args.eval and args.calib)):
-        parser.error("give --data DIR, or both --eval and --calib")
-    torch.set_num_threads(args.threads)
-
+def method_rows(args: argparse.Namespace) -> list[dict]:
+    """One row per method: size on disk, held-out perplexity, decode tokens/s against fp32."""
     base, tokenizer = load(args.model)
     dims = sorted({m.in_features for m in target_linears(base).values()})
     group = next(g for g in (args.group_size, 128, 64, 32, 16) if g and all(d % g == 0 for d in dims))
@@ -122,14 +110,16 @@ def main(argv: list[str] | None = None) -> int:
     else:
         calib = shard_windows(args.data / "train_000000.npy", args.calib_samples, seq_len, seed=0)
     prompt = tokenizer.encode_ordinary(texts[0])[:16]
+    print(f"model {args.model}: held-out {sum(len(tokenizer.encode_ordinary(t)) for t in texts)} tokens, "
+          f"calibration {len(calib)} x {calib.shape[1]} tokens, int4 group size {group}, {args.threads} threads", flush=True)
 
-    results = []
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         save_model_dir(base, Path(tmp) / "fp32")
-        fp32_size = weights_bytes(Path(tmp) / "fp32")
         fp32_ppl = perplexity_of_texts(base, tokenizer, texts).perplexity
-        results.append({"method": "fp32 PyTorch", "size_mb": fp32_size / 1e6, "perplexity": fp32_ppl, "delta_pct": 0.0,
-                        "tokens_per_s": decode_tokens_per_s(base, prompt), "speed_vs_fp32": 1.0, "seconds": 0.0})
+        rows.append({"method": "fp32 PyTorch", "size_mb": weights_bytes(Path(tmp) / "fp32") / 1e6, "perplexity": fp32_ppl,
+                     "delta_pct": 0.0, "tokens_per_s": decode_tokens_per_s(base, prompt), "speed_vs_fp32": 1.0,
+                     "seconds": 0.0})
         for label, method, options in METHODS:
             options = {k: group if v == "G" else v for k, v in options.items()}
             model, _ = load(args.model)
@@ -138,31 +128,52 @@ def main(argv: list[str] | None = None) -> int:
             seconds = time.perf_counter() - start
             save_model_dir(model, Path(tmp) / method, quantization=section)
             ppl = perplexity_of_texts(model, tokenizer, texts).perplexity
-            fp32_tps = decode_tokens_per_s(base, prompt)
+            fp32_tps = decode_tokens_per_s(base, prompt)  # timed next to it: the ratio survives a busy machine
             tps = decode_tokens_per_s(model, prompt)
-            results.append({"method": label.format(g=group), "size_mb": weights_bytes(Path(tmp) / method) / 1e6,
-                            "perplexity": ppl, "delta_pct": 100 * (ppl / fp32_ppl - 1), "tokens_per_s": tps,
-                            "speed_vs_fp32": tps / fp32_tps, "seconds": seconds})
-            print(json.dumps(results[-1]), flush=True)
-
-    print(f"\nmodel {args.model}: held-out {sum(len(tokenizer.encode_ordinary(t)) for t in texts)} tokens, "
-          f"calibration {len(calib)} x {calib.shape[1]} tokens, {args.threads} threads\n")
-    print("| method | size (MB) | perplexity | delta % | decode tok/s | vs fp32 | quantize s |")
+            rows.append({"method": label.format(g=group), "size_mb": weights_bytes(Path(tmp) / method) / 1e6,
+                         "perplexity": ppl, "delta_pct": 100 * (ppl / fp32_ppl - 1), "tokens_per_s": tps,
+                         "speed_vs_fp32": tps / fp32_tps, "seconds": seconds})
+            print(json.dumps(rows[-1]), flush=True)
+    print("\n| method | size (MB) | perplexity | delta % | decode tok/s | vs fp32 | quantize s |")
     print("|---|---|---|---|---|---|---|")
-    for r in results:
+    for r in rows:
         print(f"| {r['method']} | {r['size_mb']:.2f} | {r['perplexity']:.3f} | {r['delta_pct']:+.2f} | "
               f"{r['tokens_per_s']:.0f} | {r['speed_vs_fp32']:.2f}x | {r['seconds']:.1f} |")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("model", help="model directory (fp32)")
+    parser.add_argument("--data", type=Path, help="token-shard directory with train_000000.npy and val_000000.npy")
+    parser.add_argument("--eval", nargs="+", help="held-out text files (instead of the val shard)")
+    parser.add_argument("--calib", nargs="+", help="calibration text files (instead of the train shard)")
+    parser.add_argument("--eval-tokens", type=int, default=16384, help="held-out tokens scored (default: 16384)")
+    parser.add_argument("--calib-samples", type=int, default=128, help="calibration windows (default: 128)")
+    parser.add_argument("--group-size", type=int, default=128,
+                        help="int4 group size (default: 128; else the largest of 128, 64, 32, 16 that divides every layer)")
+    parser.add_argument("--kernels", action="store_true", help="also time the int8 matmul kernels")
+    parser.add_argument("--only", choices=["methods", "kernels"], help="run one half only")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
+    parser.add_argument("--out", help="also write the results as JSON here")
+    args = parser.parse_args(argv)
+    if args.only != "kernels" and not (args.data or (args.eval and args.calib)):
+        parser.error("give --data DIR, or both --eval and --calib")
+    torch.set_num_threads(args.threads)
+
+    rows = method_rows(args) if args.only != "kernels" else []
     kernels = []
-    if args.kernels:
-        d, f = base.cfg.d_model, base.cfg.ffn_hidden
-        kernels = [kernel_row(n, k, m) for n, k in ((f, d), (d, f), (2048, 2048)) for m in (1, 256)]
+    if args.kernels or args.only == "kernels":
+        cfg = load(args.model)[0].cfg
+        shapes = ((cfg.ffn_hidden, cfg.d_model), (cfg.d_model, cfg.ffn_hidden), (2048, 2048))
+        kernels = [kernel_row(n, k, m) for n, k in shapes for m in (1, 256)]
         print("\nmicroseconds per matmul (median)\n")
         print("| x @ W^T | " + " | ".join(list(kernels[0])[1:]) + " |")
         print("|---" * len(kernels[0]) + "|")
         for r in kernels:
             print(f"| {r['shape']} | " + " | ".join(f"{v:.0f}" for k, v in r.items() if k != "shape") + " |")
     if args.out:
-        Path(args.out).write_text(json.dumps({"results": results, "kernels": kernels}, indent=2))
+        Path(args.out).write_text(json.dumps({"results": rows, "kernels": kernels}, indent=2))
     return 0
 
 

@@ -284,6 +284,7 @@ def test_cli_quantizes_and_the_result_generates(trained, tmp_path, capsys):
                  "--calib-samples", "8", "--eval", str(trained.parent / "held_out.txt"), "--out", str(out), "-q"]) == 0
     assert "Quantization report: gptq" in capsys.readouterr().out
     assert main(["generate", str(out), "the small cat", "--max-new-tokens", "4", "--temperature", "0"]) == 0
+    assert main(["inspect", str(out)]) == 0  # the architecture of a quantized directory is still readable
 
 
 @pytest.mark.parametrize("args, message", [
