@@ -24,8 +24,14 @@ from slmkit._io import atomic_dir, write_json, write_text_atomic
 from slmkit.data.corpus import Corpus
 from slmkit.errors import InputError, OutputExistsError, QualityBudgetError
 from slmkit.eval.perplexity import perplexity_of_texts
+from slmkit.generation import generate_ids
+from slmkit.model.io import load, save_model_dir
 from slmkit.model.transformer import Transformer
-from slmkit.quant import METHODS
+from slmkit.quant import METHODS, fp8, gptq, smoothquant
+from slmkit.quant.calibration import calibration_windows
+from slmkit.quant.linear import QuantizedLinear, set_module, target_linears
+from slmkit.quant.rtn import check_group_size
+from slmkit.quant.rtn import quantize_rtn as quantize_weight
 from slmkit.tokenizer import Tokenizer
 
 NEEDS_CALIBRATION = ("gptq", "smoothquant")
@@ -49,9 +55,6 @@ def resolve_group_size(method: str, group_size: int | None) -> int | None:
 
 def check_group_sizes(model: Transformer, method: str, group_size: int | None) -> None:
     """Fail before any calibration work when a group size does not fit some layer."""
-    from slmkit.quant.linear import target_linears
-    from slmkit.quant.rtn import check_group_size
-
     bits = 4 if method in ("int4", "gptq") else 8
     for name, linear in target_linears(model).items():
         if group_size is not None or bits == 4:
@@ -61,10 +64,6 @@ def check_group_sizes(model: Transformer, method: str, group_size: int | None) -
 @torch.no_grad()
 def quantize_rtn(model: Transformer, bits: int, group_size: int | None, symmetric: bool = True) -> dict:
     """Round-to-nearest int8/int4 of every Linear of the blocks, in place; returns the config section."""
-    from slmkit.quant.linear import QuantizedLinear, set_module, target_linears
-    from slmkit.quant.rtn import check_group_size
-    from slmkit.quant.rtn import quantize_rtn as quantize_weight
-
     linears = target_linears(model)
     for name, linear in linears.items():
         g = check_group_size(name, linear.out_features, linear.in_features, group_size, bits)
@@ -89,14 +88,11 @@ def quantize_model(model: Transformer, method: str, *, group_size: int | None = 
     if method in ("int8", "int4"):
         return quantize_rtn(model, 8 if method == "int8" else 4, group_size, symmetric)
     if method == "fp8":
-        from slmkit.quant import fp8
         return fp8.quantize_model(model, group_size)
     if method == "gptq":
-        from slmkit.quant import gptq
         return gptq.quantize_model(model, calib_ids, 4, group_size, symmetric, act_order, damp, progress=progress)
     if not 0 <= alpha <= 1:
         raise InputError(f"smoothquant alpha must be between 0 and 1, not {alpha}")
-    from slmkit.quant import smoothquant
     return smoothquant.quantize_model(model, calib_ids, alpha)
 
 
@@ -123,8 +119,6 @@ def held_out_texts(tokenizer: Tokenizer, paths: Sequence[str | os.PathLike], max
 @torch.no_grad()
 def decode_tokens_per_s(model: Transformer, prompt: list[int], new_tokens: int = 64, repeats: int = 3) -> float:
     """Batch-1 greedy decode speed (median of `repeats` runs after a warm-up), prefill included."""
-    from slmkit.generation import generate_ids
-
     new_tokens = min(new_tokens, model.cfg.context_length - len(prompt))
     generate_ids(model, [prompt], max_new_tokens=4)
     times = []
@@ -208,9 +202,6 @@ def quantize(
 ) -> QuantReport:
     """Quantize the model in `model_dir` with `method` and write a quantized model directory with
     its quality report to `out`. Held-out text (`eval_paths`) defaults to the calibration files."""
-    from slmkit.model.io import load, save_model_dir
-    from slmkit.quant.calibration import calibration_windows
-
     resolve_group_size(method, group_size)  # bad method or group size: fail before any work
     if Path(out).exists() and not force:
         raise OutputExistsError(f"output {out} already exists; pass --force to overwrite it")
