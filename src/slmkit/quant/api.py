@@ -235,6 +235,8 @@ def quantize(
                                  f"{after.perplexity:.3f}), over the budget of {max_ppl_increase}%; nothing written")
 
     settings = {k: v for k, v in section.items() if k not in ("method", "modules", "smoothed")}
+    if "group_size" in settings and settings["group_size"] is None:
+        settings["group_size"] = "per tensor" if method == "fp8" else "per channel"
     with atomic_dir(out, force=force) as tmp:
         for path in Path(model_dir).iterdir():  # tokenizer, generation settings, labels
             if path.is_file() and path.name not in _MODEL_FILES and not path.name.endswith(".safetensors") \
