@@ -29,3 +29,7 @@ class MissingExtraError(SlmkitError):
 
     def __init__(self, module: str, extra: str) -> None:
         super().__init__(f"{module} is not installed; run: pip install 'slmkit[{extra}]'")
+
+
+class QualityBudgetError(SlmkitError):
+    """A result misses the quality budget the user set (e.g. --max-ppl-increase)."""

@@ -138,6 +138,7 @@ def resolve_config(name_or_dir: str | os.PathLike, overrides: dict[str, Any] | N
             values = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise InputError(f"{path} is not valid JSON: {e}") from None
+        values.pop("quantization", None)  # a quantized model: the estimates are for its architecture
         return ModelConfig.from_dict({**values, **overrides})
     return ModelConfig.from_preset(str(name_or_dir), **overrides)  # raises "unknown preset ... did you mean"
 

@@ -27,12 +27,17 @@ def save_model_dir(
     directory: str | os.PathLike,
     tokenizer: Tokenizer | None = None,
     generation: dict[str, Any] | None = None,
+    quantization: dict[str, Any] | None = None,
 ) -> Path:
     """Write a model directory. Callers that must not leave a partial one write into
-    `slmkit._io.atomic_dir`."""
+    `slmkit._io.atomic_dir`. A quantized model passes its `quantization` section (see
+    `slmkit.quant`): config.json records it and the weights file holds its codes and scales."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    write_json(directory / "config.json", {**model.cfg.to_dict(), "slmkit_version": __version__})
+    config = {**model.cfg.to_dict(), "slmkit_version": __version__}
+    if quantization is not None:
+        config["quantization"] = quantization
+    write_json(directory / "config.json", config)
     save_safetensors(model, str(directory / WEIGHTS))
     if tokenizer is not None:
         tokenizer.save(directory)
@@ -46,7 +51,12 @@ def load_model(directory: str | os.PathLike, device: str | torch.device = "cpu",
     directory = Path(directory)
     if not (directory / "config.json").is_file():
         raise InputError(f"{directory} is not a model directory (no config.json)")
-    model = Transformer(ModelConfig.load(directory))
+    cfg, quantization = read_config(directory)
+    model = Transformer(cfg)
+    if quantization is not None:  # build the quantized modules the weights file holds
+        from slmkit.quant.linear import install
+
+        install(model, quantization)
     weights = directory / WEIGHTS
     if not weights.is_file():
         raise InputError(f"{directory} has no {WEIGHTS}")
@@ -55,6 +65,17 @@ def load_model(directory: str | os.PathLike, device: str | torch.device = "cpu",
     except (SafetensorError, RuntimeError, OSError) as e:
         raise InputError(f"cannot read weights from {weights} (corrupt, truncated or for another config): {str(e).splitlines()[0]}") from None
     return model.to(device=device, dtype=dtype).eval() if dtype else model.to(device).eval()
+
+
+def read_config(directory: str | os.PathLike) -> tuple[ModelConfig, dict[str, Any] | None]:
+    """config.json -> (the architecture, the "quantization" section of a quantized model or None)."""
+    path = Path(directory) / "config.json"
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path} is not valid JSON: {e}") from None
+    quantization = values.pop("quantization", None)
+    return ModelConfig.from_dict(values), quantization
 
 
 def load(directory: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[Transformer, Tokenizer]:
