@@ -12,9 +12,10 @@ import csv
 import io
 import json
 import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 from slmkit.errors import InputError
 

@@ -4,8 +4,9 @@ chat-completions endpoint (OpenAI, vLLM, llama.cpp server, Ollama, `slmkit serve
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from tqdm.auto import tqdm
 

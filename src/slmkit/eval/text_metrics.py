@@ -8,8 +8,9 @@ import os
 import re
 import string
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from slmkit.errors import InputError, MissingExtraError
 

@@ -20,8 +20,8 @@ import json
 import math
 import os
 import re
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -315,3 +315,31 @@ def available_adapters(model_dir: str | os.PathLike) -> list[str]:
 
 def adapter_size_bytes(directory: str | os.PathLike) -> int:
     return (Path(directory) / ADAPTER_WEIGHTS).stat().st_size
+
+
+def merge_adapter_dir(model_dir: str | os.PathLike, out: str | os.PathLike, name: str = "default", force: bool = False) -> Path:
+    """Write `out`: the model directory `model_dir` with its adapter `name` merged into the
+    weights (a plain model directory; a classifier directory stays a classifier)."""
+    import shutil
+
+    from slmkit._io import atomic_dir
+    from slmkit.model.io import WEIGHTS, load_model, save_model_dir
+
+    model_dir = Path(model_dir)
+    adapter_dir = model_dir / "adapters" / name
+    if not adapter_dir.is_dir():
+        raise InputError(f"{model_dir} has no adapter {name!r}; adapters: {', '.join(available_adapters(model_dir)) or 'none'}")
+    model = load_model(model_dir)
+    load_adapter(model, adapter_dir, name)
+    merge(model)
+    unwrap(model)
+    with atomic_dir(out, force=force) as tmp:
+        for f in model_dir.iterdir():
+            if f.is_file() and f.name != WEIGHTS:
+                shutil.copy2(f, tmp / f.name)
+        save_model_dir(model, tmp)
+        labels = tmp / "labels.json"
+        if labels.is_file():  # the merged classifier needs no adapter any more
+            meta = json.loads(labels.read_text(encoding="utf-8"))
+            write_json(labels, {**meta, "adapter": None})
+    return Path(out)

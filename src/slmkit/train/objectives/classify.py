@@ -3,8 +3,9 @@ macro-F1, per-class precision/recall and the confusion matrix as validation metr
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F

@@ -11,7 +11,7 @@ without gradients, optionally in bf16, and must share the student's tokenizer.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F

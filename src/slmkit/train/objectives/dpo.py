@@ -14,8 +14,9 @@ which frees its memory. Other preference losses (ORPO, KTO, IPO) differ only in 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +25,13 @@ from torch import nn
 from slmkit.errors import InputError
 from slmkit.generation.templates import Template
 from slmkit.model.lora import adapters_disabled, lora_layers
-from slmkit.train.objectives.sft import IGNORE, SFTExample, build_example, forward, pad_batch
+from slmkit.train.objectives.sft import (
+    IGNORE,
+    SFTExample,
+    build_example,
+    forward,
+    pad_batch,
+)
 
 
 @dataclass
