@@ -347,9 +347,9 @@ def finetune_dpo(
         objective.reference = copy.deepcopy(model).eval().requires_grad_(False)
     model.train()
     with atomic_dir(out, force=force) as tmp:
-        start = objective.evaluate(model, val_ex) if val_ex else {}
         result = fit(model, objective, train_ex, val_ex, cfg, tmp, progress=progress)
         _save_lm(model, tokenizer, model_dir, tmp / "final", bool(lora), {"template": template})
+        start = {k: v for k, v in result.history[0].items() if k != "step"} if val_ex else {}
         summary = {"beta": beta, "reference": "precomputed" if precompute_ref else "adapters off" if lora else "frozen copy",
                    **{f"start val {k}": v for k, v in start.items()}, **{f"best val {k}": v for k, v in result.best.items()}}
         _finish(tmp, cfg, result, summary, model.cfg.to_dict(), "Preference alignment (DPO) report")

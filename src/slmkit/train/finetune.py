@@ -103,7 +103,7 @@ class FitResult:
     steps: int
     best_step: int
     best: dict[str, float]  # validation metrics at the best evaluation (restored into the model)
-    history: list[dict[str, Any]]
+    history: list[dict[str, Any]]  # validation metrics per evaluation, from step 0 (before training)
     trainable: int
     total: int
     step_seconds: float  # median wall time of one optimizer step
@@ -142,6 +142,10 @@ def fit(
     times: list[float] = []
     _reset_peak_memory(device)
     start = time.perf_counter()
+    if len(val):  # the starting point, so every run shows how far training moved it
+        start_metrics = objective.evaluate(model, val)
+        history.append({"step": 0, **start_metrics})
+        log.write({"step": 0, **{f"val_{k}": v for k, v in start_metrics.items()}})
     bar = tqdm(total=cfg.max_steps, desc=objective.name, unit="step", disable=not progress)
     model.train()
     while step < cfg.max_steps:
