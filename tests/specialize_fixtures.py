@@ -26,7 +26,7 @@ def tiny_model_dir(path: Path, texts: list[str] = TEXTS, vocab_size: int = 320, 
     """A random tiny Llama-style model + a BPE tokenizer trained on `texts`, saved at `path`."""
     tokenizer = train_bpe(texts, vocab_size)
     torch.manual_seed(seed)
-    cfg = dict(vocab_size=tokenizer.vocab_size, context_length=96, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1)
+    cfg = {"vocab_size": tokenizer.vocab_size, "context_length": 96, "d_model": 32, "n_layers": 2, "n_heads": 2, "n_kv_heads": 1}
     model = Transformer(ModelConfig.from_preset("tiny", **{**cfg, **overrides}))
     save_model_dir(model, path, tokenizer)
     return path

@@ -13,7 +13,12 @@ from slmkit.finetune import finetune_sft
 from slmkit.generation.templates import get_template
 from slmkit.tokenizer import Tokenizer
 from slmkit.train.finetune import FinetuneConfig
-from slmkit.train.objectives.sft import IGNORE, SupervisedFineTuning, build_example, pad_batch
+from slmkit.train.objectives.sft import (
+    IGNORE,
+    SupervisedFineTuning,
+    build_example,
+    pad_batch,
+)
 
 
 def test_collate_masks_the_prompt_and_padding():
