@@ -10,12 +10,15 @@ original bit for bit. Adapters are saved in the PEFT layout (`adapter_config.jso
 `adapter.safetensors` with keys `base_model.model.<module>.lora_A.weight`).
 
 `quantize_int8` replaces linear layers with a weight-only int8 copy (per-output-channel absmax
-scales), which is the frozen base of QLoRA here.
+scales), which is the frozen base of QLoRA here. It is the minimal interim path: `LoRALinear`
+wraps any frozen module with `in_features`/`out_features`, so the quantized layers of
+`slmkit.quant` (int8/int4) can take its place.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -60,7 +63,7 @@ class Int8Linear(nn.Module):
 class LoRALinear(nn.Module):
     """A base linear layer (float or int8, frozen) plus named low-rank adapters."""
 
-    def __init__(self, base: nn.Linear | Int8Linear) -> None:
+    def __init__(self, base: nn.Module) -> None:
         super().__init__()
         self.base_layer = base
         self.lora_A = nn.ModuleDict()
@@ -73,7 +76,7 @@ class LoRALinear(nn.Module):
 
     def add_adapter(self, name: str, rank: int, alpha: float, dropout: float) -> None:
         base = self.base_layer
-        device = base.qweight.device if isinstance(base, Int8Linear) else base.weight.device
+        device = next(itertools.chain(base.parameters(), base.buffers())).device
         self.lora_A[name] = nn.Linear(base.in_features, rank, bias=False, device=device)
         self.lora_B[name] = nn.Linear(rank, base.out_features, bias=False, device=device)
         nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))  # as nn.Linear and PEFT
@@ -99,7 +102,7 @@ class LoRALinear(nn.Module):
             raise InputError(f"adapter {self.merged!r} is already merged; unmerge it first")
         if self.active is None:
             raise InputError("no active adapter to merge")
-        if isinstance(self.base_layer, Int8Linear):
+        if not isinstance(self.base_layer, nn.Linear):
             raise InputError("cannot merge into an int8 base; merge the adapter into the float model it was trained for")
         weight = self.base_layer.weight
         self._original = weight.detach().clone()
