@@ -124,3 +124,22 @@ def test_bad_input_errors(tmp_path, capsys):
     assert main(["finetune", "classify", str(model_dir), "--train", str(bad), "--out", str(tmp_path / "r2"), "-q"]) == 2
     assert capsys.readouterr().err.strip() == f"error: {bad}:3: invalid JSON (Expecting ',' delimiter at column 13) (pass --skip-bad to skip bad records)"
     assert not (tmp_path / "r2").exists()
+
+
+@pytest.mark.slow
+def test_sms_spam_acceptance(tmp_path):
+    """The benchmark's path at its settings: a `tiny` model pretrained here on the training
+    messages, then full fine-tuning >= 95% and LoRA (< 5% of parameters) >= 93% test accuracy
+    on the fixed split (20% test, seed 0)."""
+    import importlib.util
+    from pathlib import Path
+
+    shared_path("sms-spam-collection", "SMSSpamCollection")
+    spec = importlib.util.spec_from_file_location("bench_specialize", Path(__file__).parents[1] / "bench" / "bench_specialize.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    base = bench.pretrain_base(tmp_path, minutes=4.0, steps=1500)
+    full = bench.run_variant(base, tmp_path, "full", steps=500)
+    lora = bench.run_variant(base, tmp_path, "lora", steps=500)
+    assert full["test_accuracy"] >= 0.95, full
+    assert lora["test_accuracy"] >= 0.93 and lora["trainable_fraction"] < 0.05, lora

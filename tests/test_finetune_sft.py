@@ -82,6 +82,10 @@ def test_lora_sft_writes_the_base_and_an_adapter(tmp_path):
     assert (final / "adapters" / "default" / "adapter.safetensors").is_file()
     assert (final / "model.safetensors").read_bytes() == (model_dir / "model.safetensors").read_bytes()
     assert result.fit.trainable < result.fit.total / 5
+    from slmkit.eval.responses import eval_generate
+
+    rows = eval_generate(final, path, tmp_path / "r.jsonl", max_new_tokens=4, limit=2, progress=False)
+    assert len(rows) == 2  # the adapter and template recorded in generation.json are applied
 
 
 def test_empty_response_is_a_clear_error_with_its_line(tmp_path):

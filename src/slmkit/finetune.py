@@ -106,7 +106,7 @@ def _save_lm(model, tokenizer: Tokenizer, base_dir: Path, target: Path, lora: bo
         save_adapter(model, target / "adapters" / ADAPTER, ADAPTER, base_model=str(base_dir))
         gen_path = target / "generation.json"
         defaults = json.loads(gen_path.read_text(encoding="utf-8")) if gen_path.is_file() else {}
-        write_json(gen_path, {**defaults, **generation})
+        write_json(gen_path, {**defaults, **generation, "adapter": ADAPTER})  # what `eval generate` applies
     else:
         save_model_dir(model, target, tokenizer, generation)
 

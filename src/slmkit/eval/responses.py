@@ -73,12 +73,15 @@ def eval_generate(
     progress: bool = True,
 ) -> list[dict[str, Any]]:
     """Generate greedy responses of a model directory for instruction records and write them to
-    `out` (JSONL). The template defaults to the one the model was tuned with (generation.json)."""
+    `out` (JSONL). The template and adapter default to the ones the model was tuned with
+    (generation.json)."""
     from slmkit.data.records import read_records
     from slmkit.generation.templates import get_template
     from slmkit.model.io import generation_defaults, load
 
-    template = template or generation_defaults(model_dir).get("template")
+    defaults = generation_defaults(model_dir)
+    template = template or defaults.get("template")
+    adapter = adapter or defaults.get("adapter")
     if not template:
         raise InputError(f"{model_dir} does not say which prompt template it was tuned with; pass --template alpaca|chatml|model")
     model, tokenizer = load(model_dir)
