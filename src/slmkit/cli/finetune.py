@@ -161,7 +161,8 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
     p.add_argument("--val-fraction", type=float, default=0.1, help="held-out share of --train without --val (default: 0.1)")
     p.add_argument("--test-fraction", type=float, default=0.0, help="seeded test split of --train without --test (default: 0)")
     p.add_argument("--pooling", choices=["last", "mean", "first"], default="last", help="token states -> one vector (default: last)")
-    p.add_argument("--train-layers", default="all", metavar="head|last-N|all", help="which layers train (default: all)")
+    p.add_argument("--train-layers", default="all", metavar="head|last-N|all",
+                   help="which layers train (default: all; with --lora-rank: the adapters and the head)")
     p.add_argument("--class-weights", choices=["none", "balanced"], default="none", help="weight the loss against class imbalance")
     p.add_argument("--max-length", type=int, help="tokens per text (default: the context length)")
     _record_options(p)
