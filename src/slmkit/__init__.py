@@ -10,10 +10,10 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 from slmkit.errors import SlmkitError
 from slmkit.tokenizer import Tokenizer, train_bpe
 
-__all__ = ["SlmkitError", "Tokenizer", "train_bpe", "load", "generate", "__version__"]
+__all__ = ["SlmkitError", "Tokenizer", "train_bpe", "load", "load_classifier", "generate", "__version__"]
 
 # torch-backed parts are imported on first use, so that `import slmkit` (and the tokenizer CLI) stays light
-_LAZY = {"load": "slmkit.model.io", "generate": "slmkit.generation"}
+_LAZY = {"load": "slmkit.model.io", "generate": "slmkit.generation", "load_classifier": "slmkit.model.classifier"}
 
 
 def __getattr__(name: str):

@@ -7,6 +7,7 @@ import json
 import sys
 from typing import Any
 
+from slmkit.cli.evaluate import register_eval
 from slmkit.errors import InputError
 
 
@@ -107,3 +108,4 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
     p.add_argument("--text-field", default="text", help="field of .jsonl records / column of .csv files (default: text)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(handler=cmd_eval_perplexity)
+    register_eval(eval_cmds, common)

@@ -34,7 +34,8 @@ def plot_losses(records: list[dict[str, Any]], out: Path) -> bool:
     return True
 
 
-def write_report(path: Path, summary: dict[str, Any], train_config: dict[str, Any], model_config: dict[str, Any], plot: bool) -> None:
+def write_report(path: Path, summary: dict[str, Any], train_config: dict[str, Any], model_config: dict[str, Any], plot: bool,
+                 title: str = "Pretraining report") -> None:
     def fmt(value: Any) -> str:
         if isinstance(value, float):
             return "n/a" if math.isnan(value) else f"{value:,.4g}"
@@ -42,7 +43,7 @@ def write_report(path: Path, summary: dict[str, Any], train_config: dict[str, An
 
     rows = "\n".join(f"| {k} | {fmt(v)} |" for k, v in summary.items())
     text = (
-        "# Pretraining report\n\n"
+        f"# {title}\n\n"
         f"| metric | value |\n|---|---|\n{rows}\n\n"
         + ("![loss curve](loss.png)\n\n" if plot else "(install `slmkit[plot]` for a loss curve)\n\n")
         + f"## Training config\n\n```json\n{json.dumps(train_config, indent=2)}\n```\n\n"

@@ -1,0 +1,101 @@
+"""Supervised fine-tuning on prompt/response pairs: next-token loss on the response only.
+
+Each example is prompt ids + response ids; the targets of prompt positions are the ignore index
+(-100) unless `train_on_prompt`, so the model learns to answer, not to write instructions.
+Batches are right-padded; the attention mask keeps padding out of attention, and padded
+positions carry no loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from slmkit.errors import InputError
+from slmkit.generation.templates import Template
+from slmkit.model.transformer import Transformer
+
+IGNORE = -100
+
+
+@dataclass
+class SFTExample:
+    ids: list[int]
+    labels: list[int]  # IGNORE where no loss is taken
+
+
+def build_example(prompt: list[int], response: list[int], max_len: int, train_on_prompt: bool = False) -> SFTExample:
+    """Prompt + response, cut to `max_len + 1` tokens (inputs and shifted targets both fit the
+    context); the prompt is cut from the left so that the response keeps its start."""
+    if not response:
+        raise InputError("a training record has an empty response")
+    room = max_len + 1 - len(response)
+    if room < 1:
+        response, prompt = response[: max_len], prompt[-1:]
+    else:
+        prompt = prompt[-room:]
+    ids = prompt + response
+    labels = (list(prompt) if train_on_prompt else [IGNORE] * len(prompt)) + list(response)
+    return SFTExample(ids, labels)
+
+
+def pad_batch(examples: Sequence[SFTExample], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded inputs (ids[:-1]), shifted targets (labels[1:]) and the attention mask."""
+    width = max(len(e.ids) for e in examples) - 1
+    inputs = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    targets = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e.ids) - 1
+        inputs[i, :n] = torch.tensor(e.ids[:-1])
+        targets[i, :n] = torch.tensor(e.labels[1:])
+        mask[i, :n] = 1
+    return {"input_ids": inputs, "targets": targets, "attention_mask": mask}
+
+
+def forward(model: Transformer, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    mask = batch["attention_mask"]
+    return model(batch["input_ids"], None if bool(mask.all()) else mask)
+
+
+class SupervisedFineTuning:
+    name = "sft"
+    metric = "loss"
+    higher_is_better = False
+
+    def __init__(self, template: Template, max_len: int, pad_id: int, train_on_prompt: bool = False, eval_batch_size: int = 16) -> None:
+        self.template, self.max_len, self.pad_id = template, max_len, pad_id
+        self.train_on_prompt, self.eval_batch_size = train_on_prompt, eval_batch_size
+
+    def prepare(self, records: Sequence[dict[str, Any]]) -> list[SFTExample]:
+        out = []
+        for r in records:
+            encoded = self.template.encode(r)
+            if not encoded.response:
+                raise InputError(f"{r.get('_source', 'a record')}: empty response (no output / assistant message)")
+            out.append(build_example(encoded.prompt, encoded.response, self.max_len, self.train_on_prompt))
+        return out
+
+    def collate(self, examples: Sequence[SFTExample]) -> dict[str, torch.Tensor]:
+        return pad_batch(examples, self.pad_id)
+
+    def loss(self, model: Transformer, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        logits = forward(model, batch)
+        return F.cross_entropy(logits.float().flatten(0, 1), batch["targets"].flatten(), ignore_index=IGNORE), {}
+
+    @torch.no_grad()
+    def evaluate(self, model: Transformer, examples: Sequence[SFTExample]) -> dict[str, float]:
+        """Mean loss per response token over all `examples`."""
+        model.eval()
+        device = model.embed_tokens.weight.device
+        total, count = 0.0, 0
+        for i in range(0, len(examples), self.eval_batch_size):
+            batch = {k: v.to(device) for k, v in self.collate(examples[i : i + self.eval_batch_size]).items()}
+            logits = forward(model, batch)
+            total += F.cross_entropy(logits.float().flatten(0, 1), batch["targets"].flatten(), ignore_index=IGNORE, reduction="sum").item()
+            count += int((batch["targets"] != IGNORE).sum())
+        return {"loss": total / max(1, count)}
