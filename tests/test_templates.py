@@ -63,7 +63,5 @@ def test_model_template_is_sandboxed_and_required(tmp_path, tokenizer):
     with pytest.raises(InputError, match="no chat template"):
         get_template("model", tokenizer, tmp_path)
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages.__class__.__mro__ }}"}))
-    from jinja2.exceptions import SecurityError
-
-    with pytest.raises(SecurityError):
+    with pytest.raises(InputError, match="unsafe operation"):
         get_template("model", tokenizer, tmp_path).encode({"messages": [{"role": "user", "content": "x"}]})

@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from slmkit.errors import InputError, MissingExtraError
+from slmkit.errors import InputError, TokenizerError
 from slmkit.tokenizer import Tokenizer
+from slmkit.tokenizer.chat_template import render_chat_template
 
 TEMPLATES = ("alpaca", "chatml", "model")
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
@@ -122,34 +123,23 @@ class ModelTemplate(Template):
         super().__init__(tokenizer)
         path = Path(model_dir) / "tokenizer_config.json"
         config = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-        source = config.get("chat_template")
+        source = tokenizer.chat_template or config.get("chat_template")
         if isinstance(source, list):  # named templates: take the default one
             source = next((t["template"] for t in source if t.get("name") == "default"), None)
-        if not source:
+        self.source = source
+        if not self.source:
             raise InputError(f"{model_dir} has no chat template (no chat_template in tokenizer_config.json); "
                              "use --template alpaca or chatml")
-        try:
-            from jinja2.exceptions import TemplateError
-            from jinja2.sandbox import ImmutableSandboxedEnvironment
-        except ImportError:
-            raise MissingExtraError("jinja2 (for --template model)", "specialize") from None
-
-        def raise_exception(message: str) -> None:
-            raise InputError(f"the model's chat template refused the record: {message}")
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = raise_exception
-        try:
-            self.template = env.from_string(source)
-        except TemplateError as e:
-            raise InputError(f"the chat template in {path} does not parse: {e}") from None
         self.tokens = {k: _token_text(config.get(k)) for k in ("bos_token", "eos_token")}
         eos = self.tokens["eos_token"]
         known = {**tokenizer.special_tokens, **tokenizer.added_tokens}
         self._stop = [known[eos]] if eos in known else []
 
     def _render(self, messages: list[dict[str, str]], generation_prompt: bool) -> str:
-        return self.template.render(messages=messages, add_generation_prompt=generation_prompt, **self.tokens)
+        try:
+            return render_chat_template(self.source, messages, generation_prompt, **self.tokens)
+        except TokenizerError as e:
+            raise InputError(f"the model's chat template refused the record: {e}") from None
 
     def encode(self, record: dict[str, Any]) -> Encoded:
         messages = to_messages(record)
