@@ -134,9 +134,10 @@ class ModelConfig:
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "ModelConfig":
-        if name not in PRESETS:
-            raise InputError(f"unknown preset {name!r}{_suggest(name, PRESETS)}; presets: {', '.join(PRESETS)}")
-        return cls.from_dict({**PRESETS[name], **overrides})
+        known = {**PRESETS, **REAL_SIZES}
+        if name not in known:
+            raise InputError(f"unknown preset {name!r}{_suggest(name, known)}; presets: {', '.join(known)}")
+        return cls.from_dict({**known[name], **overrides})
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ModelConfig":
@@ -211,7 +212,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "qwen3-moe-tiny": dict(_LLAMA, vocab_size=4096, context_length=256, d_model=256, n_layers=4, n_heads=4, n_kv_heads=2,
                            head_dim=64, qk_norm=True, norm_eps=1e-6, ffn_kind="moe", n_experts=16, n_experts_per_tok=4,
                            moe_ffn_hidden=128, aux_loss_coef=0.001),
-    # the real sizes, for `slmkit inspect` (counting needs no weights)
+}
+# The published sizes of the frontier families, for `slmkit inspect` (counting needs no weights); they are
+# presets too, kept apart so that nothing iterating the trainable presets builds 671B parameters.
+REAL_SIZES: dict[str, dict[str, Any]] = {
     "deepseek-v3-671b": dict(_DEEPSEEK, vocab_size=129280, context_length=4096, d_model=7168, n_layers=61, n_heads=128,
                              q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
                              ffn_hidden=18432, n_experts=256, n_experts_per_tok=8, n_shared_experts=1, moe_ffn_hidden=2048,
