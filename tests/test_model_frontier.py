@@ -9,10 +9,16 @@ from slmkit.config import ModelConfig
 from slmkit.errors import InputError
 from slmkit.generation.decode import sample
 from slmkit.generation.sampling import SamplingParams
-from slmkit.model import Transformer
-from slmkit.model import fp8
+from slmkit.model import Transformer, fp8
 from slmkit.model.inspect import count_parameters, kv_cache_bytes_per_token
-from slmkit.model.moe import MoE, balance_loss, balance_step, dense_reference, dispatch, kept_assignments
+from slmkit.model.moe import (
+    MoE,
+    balance_loss,
+    balance_step,
+    dense_reference,
+    dispatch,
+    kept_assignments,
+)
 from slmkit.model.mtp import speculative_greedy
 from slmkit.train.objectives.lm import LanguageModeling, multi_token_loss
 

@@ -8,7 +8,12 @@ import json
 
 def cmd_inspect(args: argparse.Namespace) -> None:
     from slmkit.config import parse_overrides
-    from slmkit.model.inspect import format_report, inspect_config, logged_utilization, resolve_config
+    from slmkit.model.inspect import (
+        format_report,
+        inspect_config,
+        logged_utilization,
+        resolve_config,
+    )
 
     cfg = resolve_config(args.model, parse_overrides(args.set))
     info = inspect_config(cfg, batch_size=args.batch_size, seq_len=args.seq_len)

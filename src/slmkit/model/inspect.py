@@ -238,8 +238,8 @@ def format_report(info: dict[str, Any]) -> str:
         f"  training        {fl['training']:>16,}  (3x forward)",
         "KV cache per token",
         *(f"  {k:<15} {_size(v):>16}" for k, v in info["kv_cache_bytes_per_token"].items()),
-        f"  vs MHA          {info['kv_cache_vs_peers']['vs_mha']:>15.2f}x  smaller than MHA of the same width "
-        f"(GQA 8:1: {info['kv_cache_vs_peers']['vs_gqa']:.2f}x)",
+        (f"  vs MHA          {info['kv_cache_vs_peers']['vs_mha']:>15.2f}x  smaller than MHA of the same width "
+         f"(GQA 8:1: {info['kv_cache_vs_peers']['vs_gqa']:.2f}x)"),
         f"training memory at batch {b} x seq {t} (AdamW)",
         f"  {'':<15} {'weights':>11} {'grads':>11} {'adamw':>11} {'activations':>12} {'total':>11}",
     ]
