@@ -59,6 +59,32 @@ class ModelConfig:
     sliding_window: int | None = None  # a query sees at most this many keys, itself included (Mistral, Gemma 2)
     sliding_window_layers: list[int] | None = None  # layers that use the window; None: all of them
     output_norms: bool = False  # norm the attention and MLP outputs before the residual add (Gemma 2)
+    # mixture of experts / latent attention / multi-token prediction / fp8
+    attention_kind: str = "mha"  # mha (MHA/GQA/MQA by n_kv_heads) | mla (multi-head latent attention)
+    rope_dim: int | None = None  # dims rotated by RoPE (None: head_dim; MLA: qk_rope_head_dim)
+    q_lora_rank: int | None = None  # MLA: rank of the compressed query (None: a full q_proj)
+    kv_lora_rank: int = 0  # MLA: rank of the joint key-value latent, the only per-head state cached
+    qk_nope_head_dim: int = 0  # MLA: per-head query/key dims without position
+    qk_rope_head_dim: int = 0  # MLA: dims of the decoupled RoPE query/key (one key shared by all heads)
+    v_head_dim: int = 0  # MLA: per-head value dims
+    mla_absorb: bool = False  # MLA: fold the up-projections into query and output (inference form)
+    ffn_kind: str = "dense"  # dense | moe
+    n_experts: int = 0  # routed experts per MoE layer
+    n_experts_per_tok: int = 2  # top-k
+    n_shared_experts: int = 0  # experts every token passes through
+    moe_ffn_hidden: int | None = None  # width of one expert (None: ffn_hidden)
+    first_k_dense: int = 0  # the first k layers keep a dense MLP
+    router_score: str = "softmax"  # softmax | sigmoid
+    norm_topk_prob: bool = True  # renormalize the top-k weights to sum to 1
+    routed_scaling: float = 1.0  # multiplies the routed experts' weights
+    n_expert_groups: int = 1  # group-limited routing: experts split into groups ...
+    topk_groups: int = 1  # ... and each token picks experts from its best groups only
+    aux_loss_coef: float = 0.0  # auxiliary balance loss weight (0: off)
+    router_bias_rate: float = 0.0  # auxiliary-loss-free balancing: bias step per update (0: off)
+    capacity_factor: float | None = None  # tokens per expert = factor * tokens * k / n_experts; None: dropless
+    mtp_depth: int = 0  # multi-token prediction modules (predicting t+2 .. t+1+depth)
+    mtp_loss_weight: float = 0.3  # weight of the mean MTP loss added to the LM loss
+    fp8: str = "none"  # none | blockwise (1x128 activation tiles, 128x128 weight blocks) | tensor (per-tensor)
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
@@ -77,8 +103,35 @@ class ModelConfig:
                 self.ffn_hidden = 4 * self.d_model
         if self.attn_out_bias is None:
             self.attn_out_bias = self.attn_bias
-        if self.pos == "rope" and self.head_dim % 2:
-            raise InputError(f"rope needs an even head_dim, not {self.head_dim}")
+        if self.attention_kind == "mla":
+            self._check_latent_attention()
+        if self.pos == "rope" and (self.rope_dim or self.head_dim) % 2:
+            raise InputError(f"rope needs an even head_dim, not {self.rope_dim or self.head_dim}")
+        if self.ffn_kind == "moe":
+            self._check_experts()
+        if self.mtp_depth and not self.causal:
+            raise InputError("multi-token prediction (mtp_depth) needs a causal model")
+
+    def _check_latent_attention(self) -> None:
+        """MLA: one query/key head of nope + rope dims; every query head has its own key and value."""
+        if min(self.kv_lora_rank, self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim) < 1:
+            raise InputError("attention_kind=mla needs kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim and v_head_dim >= 1")
+        self.head_dim = self.qk_nope_head_dim + self.qk_rope_head_dim
+        self.n_kv_heads = self.n_heads
+        self.rope_dim = self.qk_rope_head_dim
+
+    def _check_experts(self) -> None:
+        if self.moe_ffn_hidden is None:
+            self.moe_ffn_hidden = self.ffn_hidden
+        if not 1 <= self.n_experts_per_tok <= self.n_experts:
+            raise InputError(f"ffn_kind=moe needs 1 <= n_experts_per_tok ({self.n_experts_per_tok}) <= n_experts ({self.n_experts})")
+        if self.router_score not in ("softmax", "sigmoid"):
+            raise InputError(f"router_score must be softmax or sigmoid, not {self.router_score!r}")
+        if self.n_experts % self.n_expert_groups or not 1 <= self.topk_groups <= self.n_expert_groups:
+            raise InputError(f"n_experts {self.n_experts} must split into n_expert_groups {self.n_expert_groups}, "
+                             f"with 1 <= topk_groups ({self.topk_groups}) <= n_expert_groups")
+        if self.topk_groups * (self.n_experts // self.n_expert_groups) < self.n_experts_per_tok:
+            raise InputError("topk_groups leave fewer experts than n_experts_per_tok; raise topk_groups")
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -89,9 +142,10 @@ class ModelConfig:
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "ModelConfig":
-        if name not in PRESETS:
-            raise InputError(f"unknown preset {name!r}{_suggest(name, PRESETS)}; presets: {', '.join(PRESETS)}")
-        return cls.from_dict({**PRESETS[name], **overrides})
+        known = {**PRESETS, **REAL_SIZES}
+        if name not in known:
+            raise InputError(f"unknown preset {name!r}{_suggest(name, known)}; presets: {', '.join(known)}")
+        return cls.from_dict({**known[name], **overrides})
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ModelConfig":
@@ -154,6 +208,7 @@ _GPT2 = dict(
     vocab_size=50257, context_length=1024, norm="layernorm", mlp="gelu_tanh", pos="learned",
     attn_bias=True, mlp_bias=True, tie_embeddings=True, norm_eps=1e-5,
 )
+_DEEPSEEK = dict(_LLAMA, attention_kind="mla", ffn_kind="moe", router_score="sigmoid", norm_eps=1e-6)
 PRESETS: dict[str, dict[str, Any]] = {
     # llama-style, ~5M parameters: trains at thousands of tokens/s on a laptop CPU
     "tiny": dict(_LLAMA, vocab_size=4096, context_length=256, d_model=256, n_layers=4, n_heads=4, n_kv_heads=2, tie_embeddings=True),
@@ -163,4 +218,30 @@ PRESETS: dict[str, dict[str, Any]] = {
     "llama-20m": dict(_LLAMA, vocab_size=8192, context_length=512, d_model=384, n_layers=8, n_heads=6, n_kv_heads=2, tie_embeddings=True),
     "llama-100m": dict(_LLAMA, vocab_size=32000, context_length=1024, d_model=768, n_layers=12, n_heads=12, n_kv_heads=4),
     "llama-1b": dict(_LLAMA, vocab_size=128256, context_length=2048, d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_hidden=8192, rope_theta=500000.0, tie_embeddings=True),
+
+    # mixture of experts, latent attention, multi-token prediction: tiny versions train on a laptop CPU
+    "deepseek-tiny": dict(_DEEPSEEK, vocab_size=4096, context_length=256, d_model=256, n_layers=4, n_heads=4,
+                          q_lora_rank=128, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
+                          ffn_hidden=512, n_experts=8, n_experts_per_tok=2, n_shared_experts=1, moe_ffn_hidden=128,
+                          first_k_dense=1, n_expert_groups=2, topk_groups=1, routed_scaling=1.0,
+                          router_bias_rate=1e-3, aux_loss_coef=1e-4, mtp_depth=1),
+    "mixtral-tiny": dict(_LLAMA, vocab_size=4096, context_length=256, d_model=256, n_layers=4, n_heads=4, n_kv_heads=2,
+                         ffn_hidden=384, ffn_kind="moe", n_experts=8, n_experts_per_tok=2, aux_loss_coef=0.01),
+    "qwen3-moe-tiny": dict(_LLAMA, vocab_size=4096, context_length=256, d_model=256, n_layers=4, n_heads=4, n_kv_heads=2,
+                           head_dim=64, qk_norm=True, norm_eps=1e-6, ffn_kind="moe", n_experts=16, n_experts_per_tok=4,
+                           moe_ffn_hidden=128, aux_loss_coef=0.001),
+}
+# The published sizes of the frontier families, for `slmkit inspect` (counting needs no weights); they are
+# presets too, kept apart so that nothing iterating the trainable presets builds 671B parameters.
+REAL_SIZES: dict[str, dict[str, Any]] = {
+    "deepseek-v3-671b": dict(_DEEPSEEK, vocab_size=129280, context_length=4096, d_model=7168, n_layers=61, n_heads=128,
+                             q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+                             ffn_hidden=18432, n_experts=256, n_experts_per_tok=8, n_shared_experts=1, moe_ffn_hidden=2048,
+                             first_k_dense=3, n_expert_groups=8, topk_groups=4, routed_scaling=2.5,
+                             router_bias_rate=1e-3, aux_loss_coef=1e-4, mtp_depth=1),
+    "mixtral-8x7b": dict(_LLAMA, vocab_size=32000, context_length=32768, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8,
+                         ffn_hidden=14336, rope_theta=1e6, ffn_kind="moe", n_experts=8, n_experts_per_tok=2, aux_loss_coef=0.02),
+    "qwen3-30b-a3b": dict(_LLAMA, vocab_size=151936, context_length=40960, d_model=2048, n_layers=48, n_heads=32, n_kv_heads=4,
+                          head_dim=128, qk_norm=True, norm_eps=1e-6, rope_theta=1e6, ffn_hidden=6144, ffn_kind="moe",
+                          n_experts=128, n_experts_per_tok=8, moe_ffn_hidden=768, aux_loss_coef=0.001),
 }

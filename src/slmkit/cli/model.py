@@ -8,10 +8,18 @@ import json
 
 def cmd_inspect(args: argparse.Namespace) -> None:
     from slmkit.config import parse_overrides
-    from slmkit.model.inspect import format_report, inspect_config, resolve_config
+    from slmkit.model.inspect import (
+        format_report,
+        inspect_config,
+        logged_utilization,
+        resolve_config,
+    )
 
     cfg = resolve_config(args.model, parse_overrides(args.set))
     info = inspect_config(cfg, batch_size=args.batch_size, seq_len=args.seq_len)
+    utilization = logged_utilization(args.model) if cfg.ffn_kind == "moe" else None
+    if utilization:
+        info["expert_utilization"] = utilization
     print(json.dumps(info, indent=2) if args.json else format_report(info))
 
 

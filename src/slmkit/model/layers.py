@@ -40,10 +40,11 @@ NORMS = {"layernorm": layer_norm, "rmsnorm": rms_norm}
 class MLP(nn.Module):
     """up -> activation -> down (GPT-2)."""
 
-    def __init__(self, cfg: ModelConfig, activation: nn.Module) -> None:
+    def __init__(self, cfg: ModelConfig, activation: nn.Module, hidden: int | None = None) -> None:
         super().__init__()
-        self.up_proj = nn.Linear(cfg.d_model, cfg.ffn_hidden, bias=cfg.mlp_bias)
-        self.down_proj = nn.Linear(cfg.ffn_hidden, cfg.d_model, bias=cfg.mlp_bias)
+        hidden = hidden or cfg.ffn_hidden
+        self.up_proj = nn.Linear(cfg.d_model, hidden, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(hidden, cfg.d_model, bias=cfg.mlp_bias)
         self.act = activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -53,22 +54,23 @@ class MLP(nn.Module):
 class GatedMLP(nn.Module):
     """down(act(gate(x)) * up(x)): SwiGLU with SiLU (Llama), GeGLU with GELU (Gemma)."""
 
-    def __init__(self, cfg: ModelConfig, activation: nn.Module) -> None:
+    def __init__(self, cfg: ModelConfig, activation: nn.Module, hidden: int | None = None) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.d_model, cfg.ffn_hidden, bias=cfg.mlp_bias)
-        self.up_proj = nn.Linear(cfg.d_model, cfg.ffn_hidden, bias=cfg.mlp_bias)
-        self.down_proj = nn.Linear(cfg.ffn_hidden, cfg.d_model, bias=cfg.mlp_bias)
+        hidden = hidden or cfg.ffn_hidden
+        self.gate_proj = nn.Linear(cfg.d_model, hidden, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.d_model, hidden, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(hidden, cfg.d_model, bias=cfg.mlp_bias)
         self.act = activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
-MLPS = {
-    "gelu": lambda cfg: MLP(cfg, nn.GELU()),
-    "gelu_tanh": lambda cfg: MLP(cfg, nn.GELU(approximate="tanh")),
-    "swiglu": lambda cfg: GatedMLP(cfg, nn.SiLU()),
-    "geglu": lambda cfg: GatedMLP(cfg, nn.GELU(approximate="tanh")),
+MLPS = {  # (cfg, hidden=None): hidden overrides ffn_hidden (experts are narrower)
+    "gelu": lambda cfg, hidden=None: MLP(cfg, nn.GELU(), hidden),
+    "gelu_tanh": lambda cfg, hidden=None: MLP(cfg, nn.GELU(approximate="tanh"), hidden),
+    "swiglu": lambda cfg, hidden=None: GatedMLP(cfg, nn.SiLU(), hidden),
+    "geglu": lambda cfg, hidden=None: GatedMLP(cfg, nn.GELU(approximate="tanh"), hidden),
 }
 
 
@@ -113,7 +115,7 @@ class SinusoidalPositions(Positions):
 
 def rope_frequencies(cfg: ModelConfig) -> torch.Tensor:
     """Inverse frequencies of RoPE, with linear or Llama-3 scaling for longer contexts."""
-    dim = cfg.head_dim
+    dim = cfg.rope_dim or cfg.head_dim
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
     scaling = cfg.rope_scaling or {}
     kind = scaling.get("type", scaling.get("rope_type"))

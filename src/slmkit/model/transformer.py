@@ -18,16 +18,25 @@ from torch import nn
 from slmkit.config import ModelConfig
 from slmkit.errors import InputError
 from slmkit.model.attention import Attention, KVCache
+from slmkit.model.fp8 import FP8KVCache, FP8LatentCache, use_fp8_linears
 from slmkit.model.layers import MLPS, NORMS, POSITIONS
+from slmkit.model.mla import LatentAttention, LatentCache
+from slmkit.model.moe import MoE, moe_aux_loss
+from slmkit.model.mtp import MultiTokenPrediction
+
+ATTENTION_KINDS = {"mha": Attention, "mla": LatentAttention}
+CACHES = {"mha": KVCache, "mla": LatentCache}
+FP8_CACHES = {"mha": FP8KVCache, "mla": FP8LatentCache}
+FEED_FORWARD = {"dense": lambda cfg, layer: MLPS[cfg.mlp](cfg), "moe": MoE}
 
 
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
         self.input_layernorm = NORMS[cfg.norm](cfg.d_model, cfg)
-        self.self_attn = Attention(cfg, layer)
+        self.self_attn = ATTENTION_KINDS[cfg.attention_kind](cfg, layer)
         self.post_attention_layernorm = NORMS[cfg.norm](cfg.d_model, cfg)
-        self.mlp = MLPS[cfg.mlp](cfg)
+        self.mlp = FEED_FORWARD[cfg.ffn_kind if layer >= cfg.first_k_dense else "dense"](cfg, layer)
         self.dropout = nn.Dropout(cfg.dropout_resid)
         # Gemma 2 also norms each sublayer's output ("sandwich" norms); elsewhere these do nothing
         self.attn_output_norm = NORMS[cfg.norm](cfg.d_model, cfg) if cfg.output_norms else nn.Identity()
@@ -41,7 +50,8 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        for name, registry in (("norm", NORMS), ("mlp", MLPS), ("pos", POSITIONS)):
+        for name, registry in (("norm", NORMS), ("mlp", MLPS), ("pos", POSITIONS), ("attention_kind", ATTENTION_KINDS),
+                               ("ffn_kind", FEED_FORWARD)):
             if getattr(cfg, name) not in registry:
                 raise InputError(f"unknown {name} {getattr(cfg, name)!r}; choose one of {', '.join(registry)}")
         self.cfg = cfg
@@ -53,10 +63,14 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=cfg.lm_head_bias)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        self.mtp = MultiTokenPrediction(cfg, lambda layer: Block(cfg, layer)) if cfg.mtp_depth else None
+        self.mtp_hidden: torch.Tensor | None = None  # last hidden state before the final norm (MTP models)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2: scale residual projections by depth
             if name.endswith(("o_proj.weight", "down_proj.weight")):
                 nn.init.normal_(p, mean=0.0, std=cfg.init_std / math.sqrt(2 * cfg.n_layers))
+        if cfg.fp8 != "none":
+            use_fp8_linears(self, cfg.fp8)
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -98,13 +112,29 @@ class Transformer(nn.Module):
             x = block(x, rotation, window_mask if block.self_attn.sliding else mask, cache)
         if cache is not None:
             cache.advance(t)
+        if self.mtp is not None:
+            self.mtp_hidden = x
         x = self.norm(x)
         if return_hidden:
             return x
+        return self.head(x)
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalized hidden states -> logits (shared by the MTP modules)."""
         logits = self.lm_head(x)
-        if cfg.logit_softcap:
-            logits = cfg.logit_softcap * torch.tanh(logits / cfg.logit_softcap)
+        if self.cfg.logit_softcap:
+            logits = self.cfg.logit_softcap * torch.tanh(logits / self.cfg.logit_softcap)
         return logits
+
+    def rotation_for(self, length: int, device: torch.device):
+        """RoPE tables of positions 0..length-1 for one row (MTP modules run on plain prefixes)."""
+        return self.pos.rotation(torch.arange(length, device=device)[None])
+
+    def auxiliary_losses(self, targets: torch.Tensor) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        """After a training forward: the weighted MoE balance loss (or None) and the logits of each
+        MTP depth (empty without MTP modules), for the objective to add to its loss."""
+        mtp_logits = self.mtp(self, self.mtp_hidden, targets) if self.mtp is not None else []
+        return moe_aux_loss(self), mtp_logits
 
     def _causal(self, t: int, total: int, device: torch.device) -> torch.Tensor | None:
         if not self.cfg.causal:
@@ -138,9 +168,10 @@ class Transformer(nn.Module):
         allowed = allowed | _diagonal(t, total, device)
         return k_positions[:, past:], k_positions, allowed[:, None]
 
-    def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+    def new_cache(self, batch_size: int, max_len: int | None = None, fp8: bool = False) -> KVCache | LatentCache:
+        """A cache for `batch_size` rows; `fp8` stores it in e4m3 with per-vector scales."""
         p = self.embed_tokens.weight
-        return KVCache(self.cfg, batch_size, max_len or self.cfg.context_length, p.device, p.dtype)
+        return (FP8_CACHES if fp8 else CACHES)[self.cfg.attention_kind](self.cfg, batch_size, max_len or self.cfg.context_length, p.device, p.dtype)
 
     def num_parameters(self, embedding: bool = True) -> int:
         """Parameters, counting tied weights once; `embedding=False` leaves out the token and

@@ -23,6 +23,7 @@ from slmkit._io import atomic_dir, write_json
 from slmkit.data import RandomWindowSampler, SlidingWindowDataset, read_manifest
 from slmkit.errors import InputError, OutputExistsError
 from slmkit.model.io import save_model_dir
+from slmkit.model.moe import balance_step
 from slmkit.train import checkpoint as ckpt
 from slmkit.train.accel import compile_or_eager, enable_activation_checkpointing
 from slmkit.train.config import TrainConfig
@@ -155,7 +156,7 @@ class Trainer:
         while self.step < cfg.max_steps:
             t0 = time.perf_counter()
             lr = lr_at(self.step, cfg.lr, cfg.final_lr, cfg.warmup_steps, cfg.max_steps)
-            loss, grad_norm = self.train_step(lr)
+            loss, grad_norm, moe_stats = self.train_step(lr)
             dt = time.perf_counter() - t0
             self.step += 1
             self.tokens += tokens_per_step
@@ -166,7 +167,7 @@ class Trainer:
             last = self.step == cfg.max_steps or self._out_of_time(start)
             if self.log and (self.step % cfg.log_every == 0 or last):
                 self.log.write({"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": self.tokens,
-                                "tok_s": tok_s, "mfu": mfu})
+                                "tok_s": tok_s, "mfu": mfu, **moe_stats})
             if self.val is not None and (self.step % cfg.eval_every == 0 or last):
                 val_loss = self.evaluate()
                 if self.log:
@@ -186,8 +187,9 @@ class Trainer:
         dist.close()
         return result
 
-    def train_step(self, lr: float) -> tuple[float, float]:
-        """One optimizer step over `grad_accum` micro-batches; returns (mean loss over ranks, grad norm)."""
+    def train_step(self, lr: float) -> tuple[float, float, dict]:
+        """One optimizer step over `grad_accum` micro-batches; returns (mean loss over ranks, grad norm,
+        per-layer MoE expert utilization; empty for dense models)."""
         cfg, dist = self.cfg, self.dist
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -201,7 +203,8 @@ class Trainer:
             with self.forward_model.no_sync() if not syncing else contextlib.nullcontext():
                 with self.precision.autocast():
                     loss = self.objective.loss(self.forward_model(xb), tb)
-                self.scaler.scale(loss / cfg.grad_accum).backward()
+                    extra = self.objective.extra_loss(self.model, tb)  # MoE balance, MTP
+                self.scaler.scale((loss if extra is None else loss + extra) / cfg.grad_accum).backward()
             total += loss.detach()
         self.scaler.unscale_(self.optimizer)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -209,7 +212,8 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        return dist.mean(total / cfg.grad_accum).item(), grad_norm.item()
+        moe_stats = balance_step(self.model)  # auxiliary-loss-free bias update from this step's load
+        return dist.mean(total / cfg.grad_accum).item(), grad_norm.item(), moe_stats
 
     @torch.no_grad()
     def evaluate(self) -> float:

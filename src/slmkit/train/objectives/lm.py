@@ -1,4 +1,4 @@
-"""Causal language modeling: predict token t+1 from tokens up to t."""
+"""Causal language modeling: predict token t+1 from tokens up to t (and, with MTP modules, t+2 ...)."""
 
 from __future__ import annotations
 
@@ -17,8 +17,27 @@ class LanguageModeling:
         """Mean cross-entropy in fp32 (a bf16 log-softmax over the vocabulary loses precision)."""
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
+    def extra_loss(self, model: torch.nn.Module, targets: torch.Tensor) -> torch.Tensor | None:
+        """What the last training forward adds to the loss: the MoE balance loss and
+        mtp_loss_weight * `multi_token_loss` (None for a dense model without MTP)."""
+        balance, mtp_logits = model.auxiliary_losses(targets)
+        terms = [balance] if balance is not None else []
+        if mtp_logits:
+            terms.append(model.cfg.mtp_loss_weight * multi_token_loss(mtp_logits, targets))
+        return sum(terms) if terms else None
+
     def state_dict(self) -> dict:
         return {}
 
     def load_state_dict(self, state: dict) -> None:
         pass
+
+
+def multi_token_loss(mtp_logits: list[torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
+    """Mean over depths k = 1..D of the cross-entropy of depth k's logits at positions 0..T-k-1
+    against the tokens k + 1 ahead, targets[:, k:] (-100 targets are ignored)."""
+    losses = []
+    for k, logits in enumerate(mtp_logits, start=1):
+        future = targets[:, k:]
+        losses.append(F.cross_entropy(logits[:, : future.shape[1]].float().flatten(0, 1), future.flatten()))
+    return torch.stack(losses).mean()

@@ -34,6 +34,10 @@ class MaskedLanguageModeling:
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
 
+    def extra_loss(self, model: torch.nn.Module, targets: torch.Tensor) -> torch.Tensor | None:
+        """The MoE balance loss of the last training forward, if any."""
+        return model.auxiliary_losses(targets)[0]
+
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state()}
 
