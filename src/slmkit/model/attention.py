@@ -96,7 +96,6 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=cfg.attn_bias)
         self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=cfg.attn_bias)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=cfg.attn_out_bias)
-        self.sliding = cfg.sliding_window is not None and (cfg.sliding_window_layers is None or layer in cfg.sliding_window_layers)
         if cfg.qk_norm:
             self.q_norm = NORMS["rmsnorm"](cfg.head_dim, cfg)
             self.k_norm = NORMS["rmsnorm"](cfg.head_dim, cfg)

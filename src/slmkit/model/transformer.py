@@ -38,6 +38,7 @@ class Block(nn.Module):
         self.post_attention_layernorm = NORMS[cfg.norm](cfg.d_model, cfg)
         self.mlp = FEED_FORWARD[cfg.ffn_kind if layer >= cfg.first_k_dense else "dense"](cfg, layer)
         self.dropout = nn.Dropout(cfg.dropout_resid)
+        self.sliding = cfg.sliding_window is not None and (cfg.sliding_window_layers is None or layer in cfg.sliding_window_layers)
         # Gemma 2 also norms each sublayer's output ("sandwich" norms); elsewhere these do nothing
         self.attn_output_norm = NORMS[cfg.norm](cfg.d_model, cfg) if cfg.output_norms else nn.Identity()
         self.mlp_output_norm = NORMS[cfg.norm](cfg.d_model, cfg) if cfg.output_norms else nn.Identity()
@@ -109,7 +110,7 @@ class Transformer(nn.Module):
         rotation = self.pos.rotation(positions)
         window_mask = self._window(mask, positions, k_positions, t, total) if cfg.sliding_window else None
         for block in self.layers:
-            x = block(x, rotation, window_mask if block.self_attn.sliding else mask, cache)
+            x = block(x, rotation, window_mask if block.sliding else mask, cache)
         if cache is not None:
             cache.advance(t)
         if self.mtp is not None:
