@@ -19,11 +19,12 @@ from slmkit.tokenizer.pretokenize import token_to_str
 
 gguf = pytest.importorskip("gguf", reason="needs the gguf extra (gguf)")
 
-from slmkit.export.gguf import export_gguf, permute_for_llama_rope  # noqa: E402
-from tiny_models import TEXT  # noqa: E402
-from tiny_models import model_dir as make_model_dir  # noqa: E402
+from tiny_models import TEXT
+from tiny_models import model_dir as make_model_dir
 
-GPT2_STYLE = dict(norm="layernorm", mlp="gelu_tanh", pos="learned", attn_bias=True, mlp_bias=True, n_kv_heads=4)
+from slmkit.export.gguf import export_gguf, permute_for_llama_rope
+
+GPT2_STYLE = {"norm": "layernorm", "mlp": "gelu_tanh", "pos": "learned", "attn_bias": True, "mlp_bias": True, "n_kv_heads": 4}
 
 
 @pytest.fixture(scope="module")
@@ -102,13 +103,13 @@ def test_quantized_files_use_the_gguf_block_types(llama_dir, tmp_path, kind, qty
 
 
 @pytest.mark.parametrize("overrides, feature", [
-    (dict(pos="alibi"), "alibi positions"),
-    (dict(norm="layernorm"), "layernorm in a llama-style"),
-    (dict(qk_norm=True), "qk_norm"),
-    (dict(mlp="gelu"), "gelu MLP"),
-    (dict(logit_softcap=30.0), "logit_softcap"),
-    (dict(GPT2_STYLE, mlp="gelu"), "gelu MLP in a gpt2-style"),
-    (dict(rope_scaling={"type": "llama3", "factor": 8.0}), "llama3 rope scaling"),
+    ({"pos": "alibi"}, "alibi positions"),
+    ({"norm": "layernorm"}, "layernorm in a llama-style"),
+    ({"qk_norm": True}, "qk_norm"),
+    ({"mlp": "gelu"}, "gelu MLP"),
+    ({"logit_softcap": 30.0}, "logit_softcap"),
+    ({**GPT2_STYLE, "mlp": "gelu"}, "gelu MLP in a gpt2-style"),
+    ({"rope_scaling": {"type": "llama3", "factor": 8.0}}, "llama3 rope scaling"),
 ])
 def test_architectures_gguf_cannot_express_are_refused(tmp_path, overrides, feature):
     directory = make_model_dir(tmp_path / "m", steps=0, **overrides)

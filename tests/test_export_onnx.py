@@ -18,9 +18,10 @@ pytest.importorskip("onnxruntime", reason="needs the onnx extra (onnxruntime)")
 pytest.importorskip("onnxscript", reason="needs the onnx extra (onnxscript)")
 onnx = pytest.importorskip("onnx", reason="needs the onnx extra (onnx)")
 
-from slmkit.export.onnx import MODEL_DIR_FILES, export_onnx, quantize_onnx  # noqa: E402
-from slmkit.generation.ort import load_onnx  # noqa: E402
-from tiny_models import model_dir as make_model_dir  # noqa: E402
+from tiny_models import model_dir as make_model_dir
+
+from slmkit.export.onnx import MODEL_DIR_FILES, export_onnx, quantize_onnx
+from slmkit.generation.ort import load_onnx
 
 PROMPTS = ["The quick brown", "def add(a, b):\n", "User: hello"]
 
@@ -83,7 +84,7 @@ def test_greedy_sampled_and_beam_outputs_are_identical(model_dir, onnx_dir):
     model, tokenizer = slmkit.load(model_dir)
     ort_model, _ = load_onnx(onnx_dir)
     assert slmkit.generate(ort_model, tokenizer, PROMPTS, 30) == slmkit.generate(model, tokenizer, PROMPTS, 30)
-    sampled = dict(temperature=0.9, top_k=20, seed=3)
+    sampled = {"temperature": 0.9, "top_k": 20, "seed": 3}
     assert slmkit.generate(ort_model, tokenizer, PROMPTS[0], 30, **sampled) == slmkit.generate(model, tokenizer, PROMPTS[0], 30, **sampled)
     beams = [slmkit.generate(m, tokenizer, PROMPTS[1], 20, num_beams=3) for m in (model, ort_model)]
     assert beams[0] == beams[1]
@@ -113,9 +114,9 @@ def test_profile_writes_a_trace_and_prints_top_operators(onnx_dir, capsys):
 @pytest.mark.parametrize("method, kernels", [("int8", {"DynamicQuantizeMatMul", "MatMulInteger"}), ("int4", {"MatMulNBits"})])
 def test_quantized_exports_run_and_stay_close(model_dir, onnx_dir, method, kernels):
     out = quantized_dir(onnx_dir, method)
-    ops = {n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node}
-    assert ops & kernels
-    assert (out / "model.onnx").stat().st_size < 0.6 * (onnx_dir / "model.onnx").stat().st_size
+    ops = [n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node]
+    assert sum(op in kernels for op in ops) >= 7 * 2  # q, k, v, o, gate, up, down of both layers
+    assert (out / "model.onnx").stat().st_size < (onnx_dir / "model.onnx").stat().st_size
     model, tokenizer = slmkit.load(model_dir)
     ort_model, _ = load_onnx(out)
     ids = torch.tensor([tokenizer.encode("The quick brown fox jumps over the lazy dog.")])

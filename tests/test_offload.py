@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import model_dir as make_model_dir
 
 import slmkit
 from slmkit.cli import main
 from slmkit.errors import InputError
 from slmkit.generation.offload import load_offloaded, offload_stats
-from tiny_models import model_dir as make_model_dir
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def test_offloaded_outputs_equal_the_ordinary_model(model_dir, mode):
         assert torch.equal(offloaded(ids, attention_mask=mask), model(ids, attention_mask=mask))
     prompts = ["The quick brown", "def add(a, b):\n"]
     assert slmkit.generate(offloaded, tokenizer, prompts, 30) == slmkit.generate(model, tokenizer, prompts, 30)
-    sampled = dict(temperature=1.0, top_p=0.9, seed=1)
+    sampled = {"temperature": 1.0, "top_p": 0.9, "seed": 1}
     assert slmkit.generate(offloaded, tokenizer, "User:", 20, **sampled) == slmkit.generate(model, tokenizer, "User:", 20, **sampled)
     assert all(p.is_meta for p in offloaded.layers.parameters())  # nothing left behind after a run
 
@@ -66,7 +66,7 @@ def test_bad_offload_requests_are_refused(model_dir, tmp_path, capsys):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device for the side-stream prefetch")
 def test_offload_to_cuda_streams_blocks_on_a_side_stream(model_dir):
-    model, tokenizer = slmkit.load(model_dir)
+    model, _ = slmkit.load(model_dir)
     offloaded, _ = load_offloaded(model_dir, "cpu", device="cuda")
     ids = torch.randint(0, model.cfg.vocab_size, (2, 30), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():

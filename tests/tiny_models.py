@@ -45,8 +45,8 @@ def model_dir(path: Path, steps: int = 60, pattern: str = "gpt4", **overrides) -
     """A trained tiny model directory (llama-style by default; overrides change the config)."""
     tok = tokenizer(pattern=pattern)
     torch.manual_seed(0)
-    cfg = ModelConfig(**{**dict(vocab_size=tok.vocab_size, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
-                                context_length=128), **overrides})
+    defaults = {"vocab_size": tok.vocab_size, "d_model": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "context_length": 128}
+    cfg = ModelConfig(**{**defaults, **overrides})
     model = Transformer(cfg)
     if steps:
         train(model, tok.encode_ordinary(TEXT * 8), steps)

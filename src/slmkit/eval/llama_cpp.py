@@ -19,7 +19,7 @@ def open_gguf(path: str | os.PathLike, n_ctx: int, logits_all: bool = False, n_t
     try:
         from llama_cpp import Llama
     except ImportError:
-        raise MissingExtraError("llama-cpp-python", "gguf") from None
+        raise MissingExtraError("llama-cpp-python", "llama-cpp") from None
     return Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=logits_all,
                  n_threads=n_threads or os.cpu_count(), verbose=False)
 

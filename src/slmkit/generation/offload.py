@@ -153,7 +153,7 @@ def load_offloaded(
         model = Transformer(cfg)
     model.pos = POSITIONS[cfg.pos](cfg)  # its buffers are computed, not stored: build them for real
     with safe_open(str(weights_file), "pt", device="cpu") as f:
-        resident = {k: f.get_tensor(k) for k in f.keys() if not k.startswith("layers.")}
+        resident = {k: f.get_tensor(k) for k in f.keys() if not k.startswith("layers.")}  # noqa: SIM118
     if cfg.tie_embeddings:  # the file holds the shared tensor under one of its two names
         shared = resident.pop("lm_head.weight", None)
         resident.setdefault("embed_tokens.weight", shared)
