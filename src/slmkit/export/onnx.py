@@ -16,10 +16,12 @@ and export.json (how it was made, and the measured difference from PyTorch).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -116,8 +118,7 @@ def export_decoder(model: Transformer, path: Path, opset: int | None = None) -> 
         "attention_mask": {0: batch, 1: Dim.DYNAMIC},
         "past": [({0: batch, 2: past_len}, {0: batch, 2: past_len}) for _ in range(cfg.n_layers)],
     }
-    with warnings.catch_warnings(), _quiet_exporter():
-        warnings.simplefilter("ignore")
+    with _quiet_exporter():
         program = torch.onnx.export(
             DecoderWithPast(model).eval(), (ids, mask, past), dynamo=True, dynamic_shapes=dynamic_shapes,
             input_names=input_names(cfg.n_layers), output_names=output_names(cfg.n_layers),
@@ -127,16 +128,18 @@ def export_decoder(model: Transformer, path: Path, opset: int | None = None) -> 
     program.save(str(path), external_data=weight_bytes > EXTERNAL_DATA_BYTES)
 
 
-class _quiet_exporter:
-    """The exporter logs a warning per missing torchvision op; none matter here."""
-
-    def __enter__(self) -> None:
-        self.logger = logging.getLogger("torch.onnx")
-        self.level = self.logger.level
-        self.logger.setLevel(logging.ERROR)
-
-    def __exit__(self, *exc: object) -> None:
-        self.logger.setLevel(self.level)
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """The exporter warns about every missing torchvision op and deprecated call; none matter here."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
 
 
 def validation_inputs(model: Transformer) -> list[tuple[torch.Tensor, torch.Tensor]]:
