@@ -187,6 +187,7 @@ def quantize_onnx(src: Path, dst: Path, method: Quantize, block_size: int = 32) 
         quantize_dynamic(src, dst, op_types_to_quantize=["MatMul"], per_channel=True, weight_type=QuantType.QInt8,
                          use_external_data_format=large)
     elif method == "int4":
+        logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)  # a line per node
         quantizer = MatMulNBitsQuantizer(onnx.load(str(src)), bits=4, block_size=block_size, is_symmetric=True,
                                          accuracy_level=4)  # int8 activations inside the kernel: the fast path on CPU
         quantizer.process()
