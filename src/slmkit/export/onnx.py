@@ -179,15 +179,18 @@ def quantize_onnx(src: Path, dst: Path, method: Quantize, block_size: int = 32) 
     """ONNX Runtime's own weight quantizers: dynamic int8 (int8 weights, activations quantized
     per call) or 4-bit blockwise weights for the MatMulNBits kernel."""
     import onnx
+
+    root_level = logging.getLogger().level
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    logging.getLogger().setLevel(root_level)  # importing the quantizer turns on INFO logging for everyone
 
     large = src.with_name(src.name + ".data").exists()
     if method == "int8":
         quantize_dynamic(src, dst, op_types_to_quantize=["MatMul"], per_channel=True, weight_type=QuantType.QInt8,
                          use_external_data_format=large)
     elif method == "int4":
-        logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)  # a line per node
         quantizer = MatMulNBitsQuantizer(onnx.load(str(src)), bits=4, block_size=block_size, is_symmetric=True,
                                          accuracy_level=4)  # int8 activations inside the kernel: the fast path on CPU
         quantizer.process()
