@@ -257,6 +257,7 @@ def export_gguf(
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; llama.cpp / Ollama may run as another user
         os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
