@@ -147,14 +147,17 @@ def llama_cpp():
     return pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install llama-cpp-python; it compiles llama.cpp)")
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "llama-with-biases"])
 @pytest.mark.parametrize("kind", ["f32", "f16"])
 def test_llama_cpp_greedy_continuation_equals_slmkit(llama_dir, gpt2_dir, tmp_path, arch, kind):
     llama_cpp()
     from slmkit.eval.llama_cpp import greedy_ids, open_gguf
     from slmkit.generation import generate_ids
 
-    directory = llama_dir if arch == "llama" else gpt2_dir
+    if arch == "llama-with-biases":  # q/k biases are permuted like their weights
+        directory = make_model_dir(tmp_path / "biased", attn_bias=True, mlp_bias=True)
+    else:
+        directory = llama_dir if arch == "llama" else gpt2_dir
     model, tokenizer = slmkit.load(directory)
     path = export_gguf(directory, tmp_path / f"{arch}-{kind}.gguf", type=kind)
     llm = open_gguf(path, n_ctx=128, n_threads=1)
