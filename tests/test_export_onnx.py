@@ -1,5 +1,5 @@
 """ONNX export: logits within 1e-4 of PyTorch, identical greedy output through ONNX Runtime,
-ORT quantization, the CLI. One export per session (it takes tens of seconds), shared by the tests."""
+ORT quantization, the CLI. One export per test module (it takes tens of seconds), shared by its tests."""
 
 from __future__ import annotations
 
