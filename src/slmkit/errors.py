@@ -24,6 +24,10 @@ class TokenizerError(SlmkitError):
     """A tokenizer cannot be trained, loaded or applied as asked."""
 
 
+class ExportError(SlmkitError):
+    """A model cannot be written in the asked format, or the written file does not reproduce it."""
+
+
 class MissingExtraError(SlmkitError):
     """An optional dependency is not installed."""
 

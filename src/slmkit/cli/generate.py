@@ -24,13 +24,46 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
     return settings
 
 
+def _load_for_generation(args: argparse.Namespace):
+    """The model on the chosen backend: PyTorch (optionally offloaded) or ONNX Runtime."""
+    if args.backend == "onnx":
+        if args.offload:
+            raise InputError("--offload streams PyTorch weights; it does not apply to --backend onnx")
+        from slmkit.generation.ort import load_onnx
+
+        return load_onnx(args.model, args.ort_opt_level, args.save_optimized, args.profile)
+    if args.profile or args.save_optimized or args.ort_opt_level != "all":
+        raise InputError("--profile, --save-optimized and --ort-opt-level are ONNX Runtime options; add --backend onnx")
+    if args.offload:
+        from slmkit.generation.offload import load_offloaded
+
+        return load_offloaded(args.model, args.offload)
+    from slmkit.model.io import load
+
+    return load(args.model)
+
+
+def _report_run(args: argparse.Namespace, model) -> None:
+    """Profile and memory reports go to stderr, so stdout stays the generated text."""
+    if args.profile:
+        from slmkit.generation.ort import top_operators
+
+        trace = model.end_profiling()
+        print(f"ONNX Runtime trace: {trace}\ntop operators by time:", file=sys.stderr)
+        for op, ms, calls in top_operators(trace):
+            print(f"  {op:<24} {ms:10.2f} ms  {calls:6d} calls", file=sys.stderr)
+    if args.offload:
+        from slmkit.generation.offload import offload_stats
+
+        print(offload_stats(model).summary(), file=sys.stderr)
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     from slmkit.generation import generate, stream
-    from slmkit.model.io import load
 
     if args.stream and args.num_beams > 1:
         raise InputError("--stream works with greedy decoding and sampling, not with beam search (--num-beams)")
-    model, tokenizer = load(args.model)
+    model, tokenizer = _load_for_generation(args)
     settings = _settings(args)
     if args.stream:
         for delta in stream(model, tokenizer, args.prompt, stop=args.stop, **settings):
@@ -39,6 +72,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         sys.stdout.write("\n")
     else:
         print(generate(model, tokenizer, args.prompt, stop=args.stop, num_beams=args.num_beams, **settings))
+    _report_run(args, model)
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
@@ -86,6 +120,16 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
                    help="beam search with N beams, length-normalized (ignores the sampling options; default: 1)")
     p.add_argument("--stop", action="append", default=[], metavar="STR", help="end the output before this string (repeat for several)")
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
+    p.add_argument("--backend", choices=["torch", "onnx"], default="torch",
+                   help="torch: a model directory in PyTorch; onnx: an `slmkit export onnx` directory on ONNX Runtime")
+    p.add_argument("--offload", choices=["cpu", "disk"],
+                   help="keep the layers in CPU memory or on disk (memory-mapped) and stream them to the device one at "
+                        "a time, for models larger than the device's memory; prints the memory high-water mark")
+    p.add_argument("--ort-opt-level", choices=["disable", "basic", "extended", "all"], default="all",
+                   help="ONNX Runtime graph optimization level (default: all)")
+    p.add_argument("--save-optimized", metavar="FILE.onnx", help="write the graph ONNX Runtime optimized to this file")
+    p.add_argument("--profile", action="store_true",
+                   help="write ONNX Runtime's JSON trace into the export directory and print the top operators by time")
     p.set_defaults(handler=cmd_generate)
 
     p = commands.add_parser("chat", parents=[common], help="chat with a model in the terminal",

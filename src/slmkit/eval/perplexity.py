@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from slmkit.data.corpus import Corpus
 from slmkit.errors import InputError
+from slmkit.generation.decode import model_device
 from slmkit.model.transformer import Transformer
 from slmkit.tokenizer import Tokenizer
 
@@ -73,7 +74,7 @@ def windows(ids: Sequence[int], context: int, stride: int) -> Iterator[Window]:
 def score_windows(model: Transformer, batch: list[Window]) -> float:
     """Summed NLL (nats) of the scored targets of a batch of windows. Windows are right-padded:
     in a causal model padding after a token cannot change its prediction."""
-    device = model.embed_tokens.weight.device
+    device = model_device(model)
     width = max(len(w.ids) for w in batch)
     ids = torch.zeros(len(batch), width, dtype=torch.long, device=device)
     targets = torch.full((len(batch), width), -100, dtype=torch.long, device=device)  # -100: not scored

@@ -7,7 +7,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from slmkit.errors import InputError
-from slmkit.generation.decode import beam_search, sample
+from slmkit.generation.decode import beam_search, model_device, sample
 from slmkit.generation.sampling import SamplingParams
 from slmkit.generation.text import TextStream
 from slmkit.model.transformer import Transformer
@@ -43,7 +43,7 @@ def encode_prompt(tokenizer: Tokenizer, prompt: str) -> list[int]:
 def _generator(seed: int | None, model: Transformer) -> torch.Generator | None:
     if seed is None:
         return None
-    return torch.Generator(device=model.embed_tokens.weight.device).manual_seed(seed)
+    return torch.Generator(device=model_device(model)).manual_seed(seed)
 
 
 def generate_ids(
@@ -100,7 +100,7 @@ def generate(
             for token in beam_search(model, prompt_ids, num_beams, max_new_tokens, stop_ids, length_penalty):
                 texts[row] += streams[row].push(token)
     else:
-        done = torch.zeros(len(prompts), dtype=torch.bool, device=model.embed_tokens.weight.device)
+        done = torch.zeros(len(prompts), dtype=torch.bool, device=model_device(model))
         steps = sample(model, ids, params, max_new_tokens, stop_ids, _generator(seed, model), done)
         for tokens in steps:
             for row, token in enumerate(tokens.tolist()):
@@ -147,7 +147,7 @@ def stream_ids(
 ) -> Iterator[str]:
     """`stream` from a prompt that is already token ids (chat builds its prompts that way)."""
     text = TextStream(tokenizer, stop)
-    done = torch.zeros(1, dtype=torch.bool, device=model.embed_tokens.weight.device)
+    done = torch.zeros(1, dtype=torch.bool, device=model_device(model))
     for tokens in sample(model, [prompt], params, max_new_tokens, stop_tokens, _generator(seed, model), done):
         if delta := text.push(int(tokens[0])):
             yield delta

@@ -16,6 +16,13 @@ from slmkit.generation.sampling import SamplingParams, apply_penalties, choose
 from slmkit.model.transformer import Transformer
 
 
+def model_device(model: Transformer) -> torch.device:
+    """Where the model's inputs go. Models that run outside PyTorch (ONNX Runtime) name it as
+    `device`; a Transformer's is that of its embeddings."""
+    device = getattr(model, "device", None)
+    return device if isinstance(device, torch.device) else model.embed_tokens.weight.device
+
+
 def check_prompt(model: Transformer, prompt: Sequence[int]) -> None:
     context = model.cfg.context_length
     if not prompt:
@@ -59,7 +66,7 @@ def sample(
     """
     for prompt in prompts:
         check_prompt(model, prompt)
-    device = model.embed_tokens.weight.device
+    device = model_device(model)
     batch = len(prompts)
     ids, mask = left_pad(prompts, device)
     steps = new_token_budget(model, ids.shape[1], max_new_tokens)
@@ -118,7 +125,7 @@ def beam_search(
     steps = new_token_budget(model, len(prompt), max_new_tokens)
     if steps == 0:
         return []
-    device = model.embed_tokens.weight.device
+    device = model_device(model)
     stops = set(stop_tokens)
     ids = torch.tensor([list(prompt)], dtype=torch.long, device=device)
     cache = model.new_cache(1, max_len=min(model.cfg.context_length, len(prompt) + steps))

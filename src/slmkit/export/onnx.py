@@ -1,0 +1,240 @@
+"""ONNX export of the decoder with its KV cache as inputs and outputs, for ONNX Runtime.
+
+The graph has the interface the Hugging Face / optimum ecosystem uses for decoders:
+
+    inputs   input_ids [batch, seq], attention_mask [batch, past + seq],
+             past_key_values.N.key / .value [batch, kv_heads, past, head_dim]
+    outputs  logits [batch, seq, vocab], present.N.key / .value [batch, kv_heads, past + seq, head_dim]
+
+Positions come from the attention mask (left padding does not shift them), exactly as in
+`Transformer.forward`. A prefill passes a past of length 0. Right after export the graph is run
+on ONNX Runtime and compared with PyTorch; an export that does not reproduce the logits fails.
+
+The export directory is self-contained: model.onnx, config.json, tokenizer files, generation.json
+and export.json (how it was made, and the measured difference from PyTorch).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from slmkit._io import atomic_dir, write_json
+from slmkit.errors import ExportError, InputError, MissingExtraError
+from slmkit.model.io import load
+from slmkit.model.transformer import Transformer
+
+ONNX_FILE = "model.onnx"
+EXPORT_INFO = "export.json"
+MODEL_DIR_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "generation.json")
+Quantize = Literal["int8", "int4"]
+TOLERANCE = 1e-4  # largest |logit difference| accepted between ONNX Runtime and PyTorch (fp32)
+EXTERNAL_DATA_BYTES = 1 << 30  # protobuf files stop at 2 GiB; larger weights go to model.onnx.data
+
+
+def past_names(n_layers: int, prefix: str = "past_key_values") -> list[str]:
+    return [f"{prefix}.{i}.{kind}" for i in range(n_layers) for kind in ("key", "value")]
+
+
+def input_names(n_layers: int) -> list[str]:
+    return ["input_ids", "attention_mask", *past_names(n_layers)]
+
+
+def output_names(n_layers: int) -> list[str]:
+    return ["logits", *past_names(n_layers, "present")]
+
+
+class PastKeyValues:
+    """The model's cache interface over given past tensors: `update` returns past + new (the
+    `present` outputs) instead of writing into a preallocated buffer."""
+
+    def __init__(self, past: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.past = past
+        self.length = past[0][0].shape[2]
+        self.present: list[tuple[torch.Tensor, torch.Tensor]] = list(past)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        past_k, past_v = self.past[layer]
+        self.present[layer] = (torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2))
+        return self.present[layer]
+
+    def advance(self, n: int) -> None:
+        """Nothing to do: the caller feeds `present` back as the next `past`."""
+
+
+class DecoderWithPast(nn.Module):
+    """The Transformer with explicit past/present key-value tensors, the shape ONNX needs."""
+
+    def __init__(self, model: Transformer) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, past: list[tuple[torch.Tensor, torch.Tensor]]
+    ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        cache = PastKeyValues(past)
+        logits = self.model(input_ids, attention_mask=attention_mask, cache=cache)
+        return logits, cache.present
+
+
+def empty_past(model: Transformer, batch: int, length: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    cfg = model.cfg
+    shape = (batch, cfg.n_kv_heads, length, cfg.head_dim)
+    return [(torch.zeros(shape), torch.zeros(shape)) for _ in range(cfg.n_layers)]
+
+
+def _require_onnx() -> None:
+    for module in ("onnx", "onnxscript", "onnxruntime"):
+        try:
+            __import__(module)
+        except ImportError:
+            raise MissingExtraError(module, "onnx") from None
+
+
+def export_decoder(model: Transformer, path: Path, opset: int | None = None) -> None:
+    """torch.export (dynamo) -> ONNX with dynamic batch, sequence and past-sequence axes."""
+    from torch.export import Dim
+
+    cfg = model.cfg
+    sample_batch, sample_seq, sample_past = 2, 3, 4  # distinct sizes, so no axis is taken for another
+    ids = torch.zeros(sample_batch, sample_seq, dtype=torch.long)
+    mask = torch.ones(sample_batch, sample_past + sample_seq, dtype=torch.long)
+    past = empty_past(model, sample_batch, sample_past)
+    batch = Dim("batch_size")
+    seq = Dim("sequence_length", max=cfg.context_length)
+    past_len = Dim("past_sequence_length", max=cfg.context_length)
+    dynamic_shapes = {
+        "input_ids": {0: batch, 1: seq},
+        "attention_mask": {0: batch, 1: Dim.DYNAMIC},
+        "past": [({0: batch, 2: past_len}, {0: batch, 2: past_len}) for _ in range(cfg.n_layers)],
+    }
+    with _quiet_exporter():
+        program = torch.onnx.export(
+            DecoderWithPast(model).eval(), (ids, mask, past), dynamo=True, dynamic_shapes=dynamic_shapes,
+            input_names=input_names(cfg.n_layers), output_names=output_names(cfg.n_layers),
+            opset_version=opset, verbose=False,
+        )
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    program.save(str(path), external_data=weight_bytes > EXTERNAL_DATA_BYTES)
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """The exporter warns about every missing torchvision op and deprecated call; none matter here."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def validation_inputs(model: Transformer) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """A left-padded prefill of two rows and the decode step after it: (ids, mask) pairs."""
+    cfg = model.cfg
+    prompt = max(2, min(8, cfg.context_length - 1))
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, cfg.vocab_size, (2, prompt), generator=g)
+    mask = torch.ones(2, prompt, dtype=torch.long)
+    mask[1, :2] = 0
+    step = torch.randint(0, cfg.vocab_size, (2, 1), generator=g)
+    return [(ids, mask), (step, torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], dim=1))]
+
+
+@torch.inference_mode()
+def max_difference(model: Transformer, onnx_path: Path) -> float:
+    """Largest |logit| and |present| difference between ONNX Runtime and PyTorch over a prefill
+    and a decode step (the decode step is fed each side's own present)."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    names = past_names(model.cfg.n_layers)
+    wrapper = DecoderWithPast(model).eval()
+    torch_past = empty_past(model, 2)
+    ort_past = [t.numpy() for pair in torch_past for t in pair]
+    worst = 0.0
+    for ids, mask in validation_inputs(model):
+        logits, torch_past = wrapper(ids, mask, torch_past)
+        outputs = session.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy(), **dict(zip(names, ort_past))})
+        expected = [logits] + [t for pair in torch_past for t in pair]
+        worst = max(worst, *(float(np.abs(got - want.numpy()).max()) for got, want in zip(outputs, expected)))
+        ort_past = outputs[1:]
+    return worst
+
+
+def quantize_onnx(src: Path, dst: Path, method: Quantize, block_size: int = 32) -> None:
+    """ONNX Runtime's own weight quantizers: dynamic int8 (int8 weights, activations quantized
+    per call) or 4-bit blockwise weights for the MatMulNBits kernel."""
+    import onnx
+
+    root_level = logging.getLogger().level
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    logging.getLogger().setLevel(root_level)  # importing the quantizer turns on INFO logging for everyone
+
+    large = src.with_name(src.name + ".data").exists()
+    if method == "int8":
+        quantize_dynamic(src, dst, op_types_to_quantize=["MatMul"], per_channel=True, weight_type=QuantType.QInt8,
+                         use_external_data_format=large)
+    elif method == "int4":
+        quantizer = MatMulNBitsQuantizer(onnx.load(str(src)), bits=4, block_size=block_size, is_symmetric=True,
+                                         accuracy_level=4)  # int8 activations inside the kernel: the fast path on CPU
+        quantizer.process()
+        quantizer.model.save_model_to_file(str(dst), use_external_data_format=large)
+    else:
+        raise InputError(f"unknown ONNX quantization {method!r}; choose int8 or int4")
+
+
+def export_onnx(
+    model_dir: str | os.PathLike,
+    out: str | os.PathLike,
+    opset: int | None = None,
+    quantize: Quantize | None = None,
+    force: bool = False,
+    tolerance: float = TOLERANCE,
+) -> Path:
+    """Export a model directory to a self-contained ONNX directory; returns its path.
+
+    The fp32 graph must match PyTorch within `tolerance` (max |logit difference|) or the export
+    fails and nothing is written. `quantize` then replaces it with an int8 or int4 graph.
+    """
+    _require_onnx()
+    if quantize not in (None, "int8", "int4"):
+        raise InputError(f"unknown ONNX quantization {quantize!r}; choose int8 or int4")
+    model_dir = Path(model_dir)
+    model, _ = load(model_dir)
+    if not model.cfg.causal:
+        raise InputError("ONNX export is for causal decoders; this model is a bidirectional encoder (causal: false)")
+    with atomic_dir(out, force) as tmp:
+        path = tmp / ONNX_FILE
+        fp32 = tmp / "model.fp32.onnx" if quantize else path
+        export_decoder(model, fp32, opset)
+        difference = max_difference(model, fp32)
+        if not difference <= tolerance:
+            raise ExportError(f"ONNX Runtime logits differ from PyTorch by {difference:.2e} (> {tolerance:.0e}); the export is not faithful")
+        info: dict[str, Any] = {"format": "onnx", "opset": opset, "quantize": quantize, "max_abs_difference_fp32": difference,
+                                "inputs": input_names(model.cfg.n_layers), "outputs": output_names(model.cfg.n_layers)}
+        if quantize:
+            quantize_onnx(fp32, path, quantize)
+            for file in tmp.glob(fp32.name + "*"):
+                file.unlink()
+            info["max_abs_difference_quantized"] = max_difference(model, path)
+        for name in MODEL_DIR_FILES:
+            if (model_dir / name).is_file():
+                shutil.copy2(model_dir / name, tmp / name)
+        write_json(tmp / EXPORT_INFO, info)
+    return Path(out)
