@@ -15,6 +15,7 @@ from typing import Protocol
 
 import torch
 
+from slmkit.errors import InputError
 from slmkit.model.attention import KVCache
 from slmkit.model.transformer import Transformer
 
@@ -61,3 +62,24 @@ class DraftModel:
 
     def forget(self, seq_id: int) -> None:
         self.caches.pop(seq_id, None)
+
+
+def early_exit_draft(model: Transformer, n_layers: int) -> Transformer:
+    """A draft made of the model's own first `n_layers` blocks, final norm and head (weights
+    shared, no copy): self-speculation by early exit, for a model without a separate draft."""
+    from dataclasses import replace
+
+    if not 1 <= n_layers < model.cfg.n_layers:
+        raise InputError(f"an early-exit draft needs 1 to {model.cfg.n_layers - 1} layers, not {n_layers}")
+    p = model.embed_tokens.weight
+    with torch.device("meta"):
+        draft = Transformer(replace(model.cfg, n_layers=n_layers))
+    draft.load_state_dict(
+        {k: v for k, v in model.state_dict().items() if not k.startswith("layers.") or int(k.split(".")[1]) < n_layers},
+        strict=True, assign=True,
+    )
+    for name, buffer in model.named_buffers():  # non-persistent buffers (RoPE tables) are not in the state dict
+        module_name, _, attr = name.rpartition(".")
+        if not module_name.startswith("layers.") or int(module_name.split(".")[1]) < n_layers:
+            setattr(draft.get_submodule(module_name), attr, buffer)
+    return draft.to(p.device).eval()
