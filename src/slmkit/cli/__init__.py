@@ -8,10 +8,10 @@ import sys
 from typing import Sequence
 
 import slmkit
-from slmkit.cli import data, generate, model, quickstart, tokenizer, train
+from slmkit.cli import data, generate, model, quickstart, serve, tokenizer, train
 from slmkit.errors import SlmkitError
 
-COMMANDS = (tokenizer, data, model, train, quickstart, generate)  # in the order `slmkit --help` lists them
+COMMANDS = (tokenizer, data, model, train, quickstart, generate, serve)  # in the order `slmkit --help` lists them
 
 
 def build_parser() -> argparse.ArgumentParser:
