@@ -16,8 +16,8 @@ from slmkit.serve.kv_pages import BlockManager
 from slmkit.serve.speculative import DraftModel
 
 # init_std 0.3 spreads the logits of a random model, so greedy choices are not near-ties
-TINY = dict(vocab_size=128, context_length=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
-            ffn_hidden=64, init_std=0.3)
+TINY = {"vocab_size": 128, "context_length": 64, "d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "head_dim": 8,
+            "ffn_hidden": 64, "init_std": 0.3}
 
 
 def tiny(seed: int = 0, **overrides) -> Transformer:
@@ -132,8 +132,8 @@ def test_speculative_greedy_equals_plain_greedy():
 
 def test_seeded_sampling_is_reproducible_and_n_gives_independent_draws():
     engine = Engine(tiny(), block_size=4)
-    request = dict(prompt=prompts([5])[0], max_tokens=10, params=SamplingParams(temperature=1.0, top_k=20, top_p=0.9),
-                   stop_tokens=[], seed=3, n=2)
+    request = {"prompt": prompts([5])[0], "max_tokens": 10, "params": SamplingParams(temperature=1.0, top_k=20, top_p=0.9),
+                   "stop_tokens": [], "seed": 3, "n": 2}
     a = engine.generate([Request(**request)])[0]
     b = engine.generate([Request(**request)])[0]
     assert a == b and a[0] != a[1]
@@ -200,13 +200,13 @@ def test_one_batch_mixes_adapters_and_the_base(tmp_path):
 
 
 @pytest.mark.parametrize("request_kw, message", [
-    (dict(prompt=[]), "prompt is empty"),
-    (dict(prompt=[1] * 64), "context is 64"),
-    (dict(prompt=[1], max_tokens=0), "max_tokens must be at least 1"),
-    (dict(prompt=[1] * 60, max_tokens=10), "exceed the model's context"),
-    (dict(prompt=[1], n=100), "n must be between 1 and"),
-    (dict(prompt=[1], adapter="nope"), "unknown adapter 'nope'"),
-    (dict(prompt=[500]), "prompt token ids must be in"),
+    ({"prompt": []}, "prompt is empty"),
+    ({"prompt": [1] * 64}, "context is 64"),
+    ({"prompt": [1], "max_tokens": 0}, "max_tokens must be at least 1"),
+    ({"prompt": [1] * 60, "max_tokens": 10}, "exceed the model's context"),
+    ({"prompt": [1], "n": 100}, "n must be between 1 and"),
+    ({"prompt": [1], "adapter": "nope"}, "unknown adapter 'nope'"),
+    ({"prompt": [500]}, "prompt token ids must be in"),
 ])
 def test_bad_requests_are_rejected(request_kw, message):
     with pytest.raises(InputError, match=message):

@@ -19,14 +19,14 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 
-import slmkit  # noqa: E402
-from slmkit.config import ModelConfig  # noqa: E402
-from slmkit.generation.api import encode_prompt, generate_ids  # noqa: E402
-from slmkit.model import Transformer  # noqa: E402
-from slmkit.model.io import save_model_dir  # noqa: E402
-from slmkit.serve.chat_template import ChatTemplate  # noqa: E402
-from slmkit.serve.server import build_app, running  # noqa: E402
-from slmkit.tokenizer import train_bpe  # noqa: E402
+import slmkit
+from slmkit.config import ModelConfig
+from slmkit.generation.api import encode_prompt, generate_ids
+from slmkit.model import Transformer
+from slmkit.model.io import save_model_dir
+from slmkit.serve.chat_template import ChatTemplate
+from slmkit.serve.server import build_app, running
+from slmkit.tokenizer import train_bpe
 
 TEXT = "User: hello there\nAssistant: hi, how can I help?\nThe quick brown fox jumps over the lazy dog.\n" * 10
 CONTEXT = 96
@@ -277,7 +277,7 @@ def test_concurrent_streaming_clients_get_exact_greedy_outputs(server, model_dir
                 stream = c.completions.create(model="tiny", prompt=prompts[i], max_tokens=12, temperature=0, stream=True,
                                               extra_body={"ignore_eos": True})
                 got[i] = [chunk.choices[0].text for chunk in stream if chunk.choices]
-            except Exception as e:  # collected and reported below
+            except Exception as e:  # noqa: BLE001 -- collected and reported below
                 errors.append(e)
 
     threads = [threading.Thread(target=client_thread, args=(w,)) for w in range(8)]
@@ -319,7 +319,7 @@ def test_bench_serve_measures_every_request(server, capsys):
     from slmkit.cli import main
     from slmkit.serve.bench import bench_serve, summarize
 
-    url, state = server
+    url, _state = server
     result = bench_serve(url, concurrency=4, requests=8, prompt_len=10, max_tokens=6, api_key=KEY, vocab_size=256)
     assert (result.completed, result.failed) == (8, 0)
     assert all(r.output_tokens == 6 for r in result.results)

@@ -230,7 +230,7 @@ class Server:
     def engine_request(self, body: SamplingFields, prompt: list[int], stop_tokens: list[int] | None,
                        logprobs: int | None, max_tokens: int | None) -> Request:
         d = self.defaults
-        pick = lambda value, name, fallback: value if value is not None else d.get(name, fallback)  # noqa: E731
+        pick = lambda value, name, fallback: value if value is not None else d.get(name, fallback)
         room = self.engine.context - len(prompt)
         if max_tokens is None:
             max_tokens = max(1, min(d.get("max_new_tokens", 16), room))

@@ -42,7 +42,7 @@ class ChatTemplate:
             self.stop_tokens.append(specials[IM_END])
 
     @classmethod
-    def for_model(cls, directory: str | os.PathLike, tokenizer: Tokenizer) -> "ChatTemplate | None":
+    def for_model(cls, directory: str | os.PathLike, tokenizer: Tokenizer) -> ChatTemplate | None:
         """The model's template, else ChatML when the tokenizer can spell it, else None."""
         path = Path(directory) / "tokenizer_config.json"
         config = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}

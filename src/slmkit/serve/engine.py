@@ -177,7 +177,7 @@ class Engine:
         def call() -> None:
             try:
                 future.set_result(fn())
-            except BaseException as e:  # handed to the caller
+            except BaseException as e:  # noqa: BLE001 -- handed to the caller
                 future.set_exception(e)
 
         self.inbox.put(call)

@@ -55,7 +55,7 @@ def read_adapter(path: str | os.PathLike) -> tuple[float, dict[str, tuple[torch.
 class MultiLoRALinear(nn.Module):
     """A base linear plus the stacked adapters of one module; `rows` [B] picks each row's adapter."""
 
-    def __init__(self, base: nn.Linear, a: torch.Tensor, b: torch.Tensor, scaling: torch.Tensor, owner: "MultiLoRA") -> None:
+    def __init__(self, base: nn.Linear, a: torch.Tensor, b: torch.Tensor, scaling: torch.Tensor, owner: MultiLoRA) -> None:
         super().__init__()
         self.base = base
         self.register_buffer("a", a)  # [n_adapters + 1, r, in]
