@@ -21,15 +21,21 @@ against a one-at-a-time loop over Hugging Face transformers `generate`, same run
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import json
 import os
 import random
+import signal
+import socket
 import statistics
+import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -37,16 +43,46 @@ from bench_model import hf_model
 
 from slmkit.model.io import load
 from slmkit.serve.bench import bench_serve
-from slmkit.serve.server import build_app, running
 
 MODEL = "/work/main/runs/quickstart/run/final"
 
 
-def rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+@contextlib.contextmanager
+def server_process(model_dir: str, *flags: str) -> Iterator[tuple[str, int]]:
+    """`slmkit serve` in its own process (as in production: the load generator does not share its
+    interpreter); yields (url, pid) once healthy, stops it with SIGTERM (which must exit 0)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "slmkit", "serve", model_dir, "--port", str(port), *flags],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        yield url, proc.pid
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        if proc.wait(60) != 0:
+            raise SystemExit(f"the server exited with {proc.returncode} on SIGTERM")
+
+
+def gauge(url: str, name: str) -> float:
+    for line in httpx.get(url + "/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise KeyError(name)
 
 
 def hf_generate(model_dir: str, prompts: list[list[int]], max_tokens: int) -> tuple[list[list[int]], list[float]]:
@@ -124,15 +160,14 @@ def main() -> None:
     report["hf_one_at_a_time"] = {"requests": n_hf, "duration_s": round(sum(seconds), 2),
                                   "output_tok_per_s": round(n_hf * args.max_tokens / sum(seconds), 1)}
 
-    app = build_app(args.model, max_seqs=max(args.concurrency, 32), max_batch_tokens=512)
-    engine = app.state.server.engine
-    with running(app) as url:
+    with server_process(args.model, "--max-seqs", str(max(args.concurrency, 32)), "--max-batch-tokens", "512") as (url, pid):
         print("warm-up ...", flush=True)
         bench_serve(url, args.concurrency, prompts=prompts[: args.concurrency], max_tokens=args.max_tokens)
-        rss_warm = rss_mb()
+        rss_warm = rss_mb(pid)
         print(f"load: concurrency {args.concurrency}, {args.requests} requests ...", flush=True)
         load_run = bench_serve(url, args.concurrency, prompts=prompts, max_tokens=args.max_tokens)
-        rss_end = rss_mb()
+        rss_end = rss_mb(pid)
+        blocks_free, blocks_used = gauge(url, "slmkit_kv_blocks_free"), gauge(url, "slmkit_kv_blocks_used")
         print(f"one at a time, {args.requests} requests ...", flush=True)
         single = bench_serve(url, 1, prompts=prompts, max_tokens=args.max_tokens)
         texts, expected = [r.text for r in load_run.results], [r.text for r in single.results]
@@ -140,8 +175,8 @@ def main() -> None:
                           "outputs_equal_single_request_greedy": texts == expected,
                           "mismatches": sum(a != b for a, b in zip(texts, expected)),
                           "tokens_per_request_exact": all(r.output_tokens == args.max_tokens for r in load_run.results),
-                          "rss_mb_after_warmup": round(rss_warm, 1), "rss_mb_after_load": round(rss_end, 1),
-                          "kv_blocks_free_after": engine.blocks.num_free, "kv_blocks": engine.blocks.num_blocks}
+                          "server_rss_mb_after_warmup": round(rss_warm, 1), "server_rss_mb_after_load": round(rss_end, 1),
+                          "kv_blocks_used_after": blocks_used, "kv_blocks_free_after": blocks_free}
         report["one_at_a_time"] = {**summary(single), "outputs_equal_hf_generate":
                                    expected[:n_hf] == [tokenizer.decode(ids) for ids in hf_outputs]}
     report["throughput_ratio_concurrent_vs_one_at_a_time"] = round(load_run.output_throughput / single.output_throughput, 2)
@@ -154,10 +189,11 @@ def main() -> None:
     runs: dict[bool, list] = {False: [], True: []}
     for _ in range(args.rounds):
         for on in (False, True):
-            app = build_app(args.model, max_seqs=32, prefix_caching=on)
-            with running(app) as url:
+            flags = () if on else ("--no-prefix-caching",)
+            with server_process(args.model, "--max-seqs", "32", *flags) as (url, _):
                 bench_serve(url, 1, prompts=shared[:1], max_tokens=16)  # the first request fills the cache
-                runs[on].append((bench_serve(url, 8, prompts=shared[1:], max_tokens=16), app.state.server.engine.blocks.hit_rate))
+                runs[on].append((bench_serve(url, 8, prompts=shared[1:], max_tokens=16),
+                                 gauge(url, "slmkit_prefix_cache_hit_rate")))
     pc = report["prefix_caching"] = {"requests": n_prefix - 1, "concurrency": 8, "rounds": args.rounds}
     for on in (False, True):
         pc["on" if on else "off"] = {**median_summary([r for r, _ in runs[on]]), "hit_rate": round(runs[on][-1][1], 3)}
@@ -171,10 +207,11 @@ def main() -> None:
     spec: dict = {None: [], 1: []}
     for _ in range(args.rounds):
         for layers in (None, 1):
-            app = build_app(args.model, max_seqs=8, draft_layers=layers, num_draft=4)
-            with running(app) as url:
+            flags = ("--draft-layers", str(layers), "--num-draft", "4") if layers else ()
+            with server_process(args.model, "--max-seqs", "8", *flags) as (url, _):
                 bench_serve(url, 1, prompts=code[:1], max_tokens=8)
-                spec[layers].append((bench_serve(url, 1, prompts=code, max_tokens=64), app.state.server.engine.acceptance_rate))
+                spec[layers].append((bench_serve(url, 1, prompts=code, max_tokens=64),
+                                     gauge(url, "slmkit_speculative_acceptance_rate")))
     sp = report["speculative"] = {"requests": n_spec, "max_tokens": 64, "num_draft": 4, "rounds": args.rounds}
     sp["off"] = median_summary([r for r, _ in spec[None]])
     sp["draft_1_layer"] = {**median_summary([r for r, _ in spec[1]]), "acceptance_rate": round(spec[1][-1][1], 3)}

@@ -121,6 +121,32 @@ def test_chat_uses_chatml_and_streams_the_same_reply(client, model_dir, server):
     assert whole.usage.prompt_tokens == len(prompt)
 
 
+def test_adapters_are_models_chosen_per_request(model_dir, tmp_path):
+    from safetensors.torch import save_file
+
+    model, tokenizer = slmkit.load(model_dir)
+    q = model.layers[0].self_attn.q_proj
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(4, q.in_features, generator=g) * 0.5, torch.randn(q.out_features, 4, generator=g) * 0.5
+    adapter = tmp_path / "styled"
+    adapter.mkdir()
+    save_file({"layers.0.self_attn.q_proj.lora_A.weight": a, "layers.0.self_attn.q_proj.lora_B.weight": b},
+              str(adapter / "adapter.safetensors"))
+    (adapter / "adapter_config.json").write_text('{"r": 4, "lora_alpha": 4}')
+    prompt = encode_prompt(tokenizer, "The quick brown")
+    base = tokenizer.decode(generate_ids(model, [prompt], 10, stop_tokens=[tokenizer.eot_id])[0])
+    with torch.no_grad():
+        q.weight += b @ a  # alpha / r = 1
+    merged = tokenizer.decode(generate_ids(model, [prompt], 10, stop_tokens=[tokenizer.eot_id])[0])
+    assert base != merged
+    with running(build_app(model_dir, adapters={"styled": str(adapter)})) as url:
+        c = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+        assert [m.id for m in c.models.list()] == ["tiny", "styled"]
+        texts = {name: c.completions.create(model=name, prompt="The quick brown", max_tokens=10, temperature=0).choices[0].text
+                 for name in ("tiny", "styled")}
+    assert texts == {"tiny": base, "styled": merged}
+
+
 def test_chat_template_from_tokenizer_config(tmp_path):
     template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}[assistant]{% endif %}"
     directory = make_model_dir(tmp_path / "m", chat_template=template)

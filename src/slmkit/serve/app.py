@@ -41,20 +41,22 @@ log = logging.getLogger("slmkit.serve")
 
 
 class EngineLoop:
-    """Steps the engine on a background thread while it has work and hands every output to the
-    listener of its request."""
+    """Steps the engine on a background thread while it has work, and hands each step's outputs
+    to the queues of their requests on the event loop (one hand-over per step)."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.wake = threading.Event()
-        self.listeners: dict[str, Callable[[Output], None]] = {}
+        self.listeners: dict[str, asyncio.Queue[Output]] = {}
         self.stopping = False
         self.thread = threading.Thread(target=self._run, name="slmkit-engine", daemon=True)
+        self.event_loop: asyncio.AbstractEventLoop | None = None
 
     def start(self) -> None:
+        self.event_loop = asyncio.get_running_loop()
         self.thread.start()
 
-    def submit(self, request: Request, listener: Callable[[Output], None]) -> str:
+    def submit(self, request: Request, listener: asyncio.Queue[Output]) -> str:
         request.request_id = f"cmpl-{uuid.uuid4().hex}"
         self.listeners[request.request_id] = listener
         try:
@@ -87,10 +89,14 @@ class EngineLoop:
                 for request_id in list(self.listeners):
                     self.engine.abort(request_id)
                 continue
-            for out in outputs:
-                listener = self.listeners.get(out.request_id)
-                if listener is not None:
-                    listener(out)
+            if outputs:
+                self.event_loop.call_soon_threadsafe(self._deliver, outputs)
+
+    def _deliver(self, outputs: list[Output]) -> None:
+        for out in outputs:
+            listener = self.listeners.get(out.request_id)
+            if listener is not None:
+                listener.put_nowait(out)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Cancel what is still running, let the engine free it, and end the thread."""
@@ -253,9 +259,8 @@ class Server:
             raise APIError(429, f"the server is busy ({self.active} requests in flight); retry shortly",
                            "rate_limit_error", "queue_full", headers={"Retry-After": "1"})
         queue: asyncio.Queue[Output] = asyncio.Queue()
-        loop = asyncio.get_running_loop()
         try:
-            request_id = self.loop.submit(request, lambda out: loop.call_soon_threadsafe(queue.put_nowait, out))
+            request_id = self.loop.submit(request, queue)
         except InputError as e:
             raise APIError(400, str(e)) from None
         self.active += 1

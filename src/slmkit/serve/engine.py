@@ -70,8 +70,10 @@ class Output:
     cached_tokens: int = 0  # prompt tokens found in the prefix cache
 
 
-@dataclass
-class Sequence_:
+@dataclass(eq=False)  # compared by identity: the scheduler looks sequences up in its lists
+class SequenceState:
+    """One completion being generated: its tokens so far and where its keys/values live."""
+
     id: int
     request: Request
     index: int
@@ -123,8 +125,8 @@ class Engine:
         self.block_size, self.max_batch_tokens, self.max_seqs = block_size, max_batch_tokens, max_seqs
         self.drafter, self.num_draft = drafter, num_draft
         self.lora = MultiLoRA(model, adapters) if adapters else None
-        self.waiting: deque[Sequence_] = deque()
-        self.running: list[Sequence_] = []
+        self.waiting: deque[SequenceState] = deque()
+        self.running: list[SequenceState] = []
         self.inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self.ids = itertools.count()
         self.request_ids = itertools.count()
@@ -194,7 +196,7 @@ class Engine:
             seed = None if request.seed is None else request.seed + index
             generator = torch.Generator(self.pool.k.device).manual_seed(seed) if seed is not None else None
             text = TextStream(self.tokenizer, request.stop) if self.tokenizer is not None else None
-            self.waiting.append(Sequence_(next(self.ids), request, index, list(request.prompt), time.perf_counter(),
+            self.waiting.append(SequenceState(next(self.ids), request, index, list(request.prompt), time.perf_counter(),
                                           generator, text, frozenset(stops)))
 
     def _abort(self, request_id: str) -> None:
@@ -202,7 +204,7 @@ class Engine:
             self._finish(seq, "abort")
 
     # ------------------------------------------------------------------ scheduling
-    def _reserve(self, seq: Sequence_, length: int) -> bool:
+    def _reserve(self, seq: SequenceState, length: int) -> bool:
         """Give `seq` blocks for its first `length` tokens; False if the pool is short."""
         need = -(-length // self.block_size) - len(seq.blocks)
         if need > self.blocks.num_free:
@@ -210,7 +212,7 @@ class Engine:
         seq.blocks += [self.blocks.allocate() for _ in range(need)]
         return True
 
-    def _preempt(self, seq: Sequence_) -> None:
+    def _preempt(self, seq: SequenceState) -> None:
         self.blocks.release(seq.blocks)
         seq.blocks, seq.hashes, seq.num_computed = [], [], 0
         self.running.remove(seq)
@@ -219,17 +221,17 @@ class Engine:
         if self.drafter is not None:
             self.drafter.forget(seq.id)
 
-    def _drafts(self, seq: Sequence_) -> list[int]:
+    def _drafts(self, seq: SequenceState) -> list[int]:
         request = seq.request
         if self.drafter is None or not (request.params.greedy and not request.params.needs_history) or request.logprobs:
             return []
         k = min(self.num_draft, request.max_tokens - seq.num_output - 1, self.context - len(seq.tokens))
         return self.drafter.propose(seq.id, seq.tokens, k) if k > 0 else []
 
-    def _schedule(self) -> list[tuple[Sequence_, int, list[int]]]:
+    def _schedule(self) -> list[tuple[SequenceState, int, list[int]]]:
         """(sequence, tokens to compute, drafts) for this step."""
         budget = self.max_batch_tokens
-        scheduled: list[tuple[Sequence_, int, list[int]]] = []
+        scheduled: list[tuple[SequenceState, int, list[int]]] = []
         for seq in list(self.running):
             if seq not in self.running or budget <= 0:
                 continue
@@ -312,7 +314,7 @@ class Engine:
         cap = self.model.cfg.logit_softcap
         return cap * torch.tanh(logits / cap) if cap else logits
 
-    def _sample(self, seq: Sequence_, logits: torch.Tensor) -> tuple[int, tuple[float, dict[int, float]] | None]:
+    def _sample(self, seq: SequenceState, logits: torch.Tensor) -> tuple[int, tuple[float, dict[int, float]] | None]:
         request, params = seq.request, seq.request.params
         raw = logits
         if params.needs_history:
@@ -334,7 +336,7 @@ class Engine:
         alternatives = dict(zip(top.indices.tolist(), top.values.tolist())) if top is not None else {}
         return float(logprobs[token]), alternatives
 
-    def _verify(self, seq: Sequence_, drafts: list[int], logits: torch.Tensor) -> None:
+    def _verify(self, seq: SequenceState, drafts: list[int], logits: torch.Tensor) -> None:
         """Keep drafts while they match the target's greedy choice, then the target's token."""
         choices = logits.argmax(dim=-1).tolist()
         accepted = 0
@@ -347,7 +349,7 @@ class Engine:
         tokens = drafts[:accepted] + [choices[accepted]]
         self._append(seq, tokens, [None] * len(tokens))
 
-    def _append(self, seq: Sequence_, tokens: list[int], logprobs: list) -> None:
+    def _append(self, seq: SequenceState, tokens: list[int], logprobs: list) -> None:
         """Add chosen tokens to a sequence, ending it on a stop token, stop string or its limit."""
         out = Output(seq.request.request_id, seq.index, [], "", [], None, seq.prompt_len, seq.cached_tokens)
         reason = None
@@ -375,7 +377,7 @@ class Engine:
             out.finish_reason = reason
         self.outputs.append(out)
 
-    def _register_full_blocks(self, seq: Sequence_) -> None:
+    def _register_full_blocks(self, seq: SequenceState) -> None:
         """Key every block whose tokens are all computed, so later prompts can share it."""
         bs = self.block_size
         for i in range(len(seq.hashes), min(seq.num_computed, len(seq.tokens)) // bs):
@@ -383,7 +385,7 @@ class Engine:
             seq.hashes.append(block_hash(parent, seq.tokens[i * bs : (i + 1) * bs], seq.request.adapter or ""))
             self.blocks.register(seq.blocks[i], seq.hashes[-1])
 
-    def _release(self, seq: Sequence_) -> None:
+    def _release(self, seq: SequenceState) -> None:
         self.blocks.release(seq.blocks)
         seq.blocks = []
         if seq in self.running:
@@ -393,7 +395,7 @@ class Engine:
         if self.drafter is not None:
             self.drafter.forget(seq.id)
 
-    def _finish(self, seq: Sequence_, reason: str) -> None:
+    def _finish(self, seq: SequenceState, reason: str) -> None:
         self._release(seq)
         self.outputs.append(Output(seq.request.request_id, seq.index, [], "", [], reason, seq.prompt_len, seq.cached_tokens))
 

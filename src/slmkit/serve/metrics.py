@@ -25,6 +25,8 @@ class ServerMetrics:
             "kv_blocks_free": ("KV-cache blocks free or evictable", lambda: engine.blocks.num_free),
             "prefix_cache_hit_rate": ("full prompt blocks found in the prefix cache / looked up", lambda: engine.blocks.hit_rate),
             "tokens_per_second": (f"output tokens per second over the last {window_s:g} s", self.tokens_per_second),
+            "speculative_acceptance_rate": ("draft tokens accepted / proposed (NaN without a drafter)",
+                                            lambda: engine.acceptance_rate),
         }
         for name, (doc, read) in gauges.items():
             Gauge(f"slmkit_{name}", doc, registry=registry).set_function(read)
