@@ -85,11 +85,14 @@ class Transformer(nn.Module):
         attention_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
         return_hidden: bool = False,
+        positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """input_ids [B, T] -> logits [B, T, vocab] (or final hidden states [B, T, d]).
 
         attention_mask [B, past + T] marks real tokens (1) and padding (0), for left-padded batches;
         with a `cache`, only the new tokens are passed and the cache supplies the past.
+        `positions` [B, T] places every new token of a ragged batch (serving: each row at its own
+        length); the cache then also supplies `key_positions` [B, K] and the boolean `mask` [B, 1, T, K].
         """
         cfg = self.cfg
         b, t = input_ids.shape
@@ -97,7 +100,10 @@ class Transformer(nn.Module):
         total = past + t
         if total > cfg.context_length:
             raise InputError(f"sequence of {total} tokens is longer than the model's context length {cfg.context_length}")
-        positions, k_positions, mask = self._positions_and_mask(b, t, past, attention_mask, input_ids.device)
+        if positions is None:
+            positions, k_positions, mask = self._positions_and_mask(b, t, past, attention_mask, input_ids.device)
+        else:
+            k_positions, mask = cache.key_positions, cache.mask
 
         x = self.embed_tokens(input_ids)
         if cfg.embed_scale:

@@ -1,0 +1,90 @@
+"""`slmkit serve` and `slmkit bench serve`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from slmkit.errors import InputError
+
+
+def _adapters(pairs: list[str]) -> dict[str, str]:
+    adapters = {}
+    for pair in pairs:
+        name, sep, path = pair.partition("=")
+        if not sep or not name or not path:
+            raise InputError(f"--adapter takes NAME=PATH, not {pair!r}")
+        adapters[name] = path
+    return adapters
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from slmkit.serve import serve
+
+    serve(args.model, args.host, args.port, api_key=args.api_key, adapters=_adapters(args.adapter),
+          max_batch_tokens=args.max_batch_tokens, max_seqs=args.max_seqs, max_queue=args.max_queue,
+          kv_blocks=args.kv_blocks, block_size=args.block_size, prefix_caching=not args.no_prefix_caching,
+          draft_model=args.draft_model, draft_layers=args.draft_layers, num_draft=args.num_draft,
+          model_name=args.model_name)
+
+
+def cmd_bench_serve(args: argparse.Namespace) -> None:
+    from slmkit.serve.bench import bench_serve
+
+    result = bench_serve(args.url, args.concurrency, args.requests, args.prompt_len, args.max_tokens,
+                         args.request_rate, args.model, args.api_key, args.vocab_size, args.seed)
+    print(json.dumps(result.to_dict(), indent=2) if args.json else result.table())
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as f:
+            json.dump(result.to_dict(), f, indent=2)
+
+
+def register(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    p = commands.add_parser(
+        "serve", parents=[common], help="serve a model over an OpenAI-compatible HTTP API",
+        description="Serve MODEL_DIR at /v1/models, /v1/completions, /v1/chat/completions (streaming with "
+                    "stream: true), /v1/embeddings, /health and /metrics (Prometheus), with continuous batching over "
+                    "a paged KV cache. Adapters under MODEL_DIR/adapters/ are served by name. SIGTERM or Ctrl-C stops "
+                    "accepting requests, lets running ones finish (up to 30 s) and exits 0.")
+    p.add_argument("model", metavar="MODEL_DIR", help="model directory")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1; 0.0.0.0 for all)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    p.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' on /v1/ endpoints")
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
+                   help="serve a LoRA adapter as model NAME (repeat for several)")
+    p.add_argument("--model-name", metavar="NAME", help="the name clients use for the base model (default: the directory name)")
+    p.add_argument("--max-batch-tokens", metavar="N", type=int, default=512,
+                   help="tokens per forward pass, prefill chunks and decodes together (default: 512)")
+    p.add_argument("--max-seqs", metavar="N", type=int, default=64, help="sequences in the running batch (default: 64)")
+    p.add_argument("--max-queue", metavar="N", type=int, default=256,
+                   help="requests allowed to wait beyond the running batch; more get 429 (default: 256)")
+    p.add_argument("--kv-blocks", metavar="N", type=int,
+                   help="KV-cache blocks to preallocate (default: room for --max-seqs full-context sequences)")
+    p.add_argument("--block-size", metavar="N", type=int, default=16, help="tokens per KV-cache block (default: 16)")
+    p.add_argument("--no-prefix-caching", action="store_true", help="do not reuse the KV blocks of shared prompt prefixes")
+    p.add_argument("--draft-model", metavar="DIR", help="speculative decoding with this smaller model (same tokenizer)")
+    p.add_argument("--draft-layers", metavar="N", type=int,
+                   help="speculative decoding with the model's own first N layers as the draft (early exit)")
+    p.add_argument("--num-draft", metavar="K", type=int, default=4, help="tokens drafted per step (default: 4)")
+    p.set_defaults(handler=cmd_serve)
+
+    bench = commands.add_parser("bench", help="benchmarks", description="Benchmarks.")
+    bench_cmds = bench.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
+    p = bench_cmds.add_parser(
+        "serve", parents=[common], help="load-test a running server",
+        description="Send streaming completions of random token-id prompts to an OpenAI-compatible server and report "
+                    "TTFT, TPOT, ITL and E2EL (mean/p50/p95/p99), request and token throughput, with vLLM's definitions.")
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL (default: http://127.0.0.1:8000)")
+    p.add_argument("--concurrency", type=int, default=32, help="requests in flight at most (default: 32)")
+    p.add_argument("--requests", type=int, default=200, help="requests to send (default: 200)")
+    p.add_argument("--prompt-len", type=int, default=32, help="prompt tokens per request (default: 32)")
+    p.add_argument("--max-tokens", type=int, default=32, help="output tokens per request (default: 32)")
+    p.add_argument("--request-rate", type=float, default=float("inf"),
+                   help="requests per second, Poisson arrivals (default: inf, all at once)")
+    p.add_argument("--model", help="model name (default: the first of /v1/models)")
+    p.add_argument("--api-key", metavar="KEY", help="API key of the server")
+    p.add_argument("--vocab-size", type=int, help="draw prompt ids below this (default: 256, the byte tokens)")
+    p.add_argument("--seed", type=int, default=0, help="seed of prompts and arrivals (default: 0)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--output", metavar="PATH", help="also write the JSON result to PATH")
+    p.set_defaults(handler=cmd_bench_serve)

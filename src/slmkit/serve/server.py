@@ -1,0 +1,105 @@
+"""`serve`: load a model directory into an engine and run the HTTP server until SIGTERM/Ctrl-C."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from slmkit.errors import InputError, MissingExtraError
+
+
+def build_app(
+    model_dir: str | os.PathLike,
+    *,
+    api_key: str | None = None,
+    adapters: dict[str, str] | None = None,
+    max_batch_tokens: int = 512,
+    max_seqs: int = 64,
+    max_queue: int = 256,
+    kv_blocks: int | None = None,
+    block_size: int = 16,
+    prefix_caching: bool = True,
+    draft_model: str | os.PathLike | None = None,
+    draft_layers: int | None = None,
+    num_draft: int = 4,
+    model_name: str | None = None,
+    device: str = "cpu",
+) -> Any:
+    """The FastAPI app for a model directory. Adapters under MODEL_DIR/adapters/ are served by
+    their directory names, plus `adapters` {name: path}. Speculative decoding drafts with
+    `draft_model` (a smaller model directory with the same tokenizer) or with the model's own
+    first `draft_layers` layers."""
+    from slmkit.model.io import generation_defaults, load, load_model
+    from slmkit.serve.app import create_app
+    from slmkit.serve.chat_template import ChatTemplate
+    from slmkit.serve.engine import Engine
+    from slmkit.serve.speculative import DraftModel, early_exit_draft
+
+    model, tokenizer = load(model_dir, device)
+    found = {p.name: str(p) for p in sorted((Path(model_dir) / "adapters").glob("*")) if p.is_dir()}
+    adapters = {**found, **(adapters or {})}
+    if draft_model is not None and draft_layers is not None:
+        raise InputError("choose one drafter: a draft model directory or a number of early-exit layers")
+    drafter = None
+    if draft_model is not None:
+        draft = load_model(draft_model, device)
+        if draft.cfg.vocab_size != model.cfg.vocab_size:
+            raise InputError(f"the draft model's vocabulary ({draft.cfg.vocab_size}) differs from the model's "
+                             f"({model.cfg.vocab_size}); it must share the tokenizer")
+        drafter = DraftModel(draft)
+    elif draft_layers is not None:
+        drafter = DraftModel(early_exit_draft(model, draft_layers))
+    engine = Engine(model, tokenizer, num_blocks=kv_blocks, block_size=block_size, max_batch_tokens=max_batch_tokens,
+                    max_seqs=max_seqs, prefix_caching=prefix_caching, drafter=drafter, num_draft=num_draft,
+                    adapters=adapters or None)
+    name = model_name or Path(model_dir).resolve().name
+    return create_app(engine, tokenizer, name, chat_template=ChatTemplate.for_model(model_dir, tokenizer),
+                      defaults=generation_defaults(model_dir), api_key=api_key, max_queue=max_queue)
+
+
+def serve(model_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, **settings: Any) -> None:
+    """Serve until SIGTERM or Ctrl-C: stop accepting connections, let open requests finish (up to
+    30 s, then cancel them), free the engine, return normally."""
+    try:
+        import uvicorn
+    except ImportError:
+        raise MissingExtraError("uvicorn", "serve") from None
+    app = build_app(model_dir, **settings)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=30))
+    # uvicorn handles SIGTERM and re-raises it once shut down; a stop on request is a clean exit
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    try:
+        server.run()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def running(app: Any, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
+    """Serve `app` on a background thread for the duration of a `with` block (port 0: any free
+    port); yields the base URL. For tests, benchmarks and notebooks."""
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started:
+        if not thread.is_alive():
+            raise RuntimeError("the server did not start")
+        time.sleep(0.01)
+    try:
+        yield f"http://{host}:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()

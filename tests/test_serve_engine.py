@@ -1,0 +1,213 @@
+"""The serving engine: batched and paged generation equals one-request-at-a-time generation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from slmkit.config import ModelConfig
+from slmkit.errors import InputError
+from slmkit.generation.api import generate_ids
+from slmkit.generation.sampling import SamplingParams
+from slmkit.model.transformer import Transformer
+from slmkit.serve.engine import Engine, Request
+from slmkit.serve.kv_pages import BlockManager
+from slmkit.serve.speculative import DraftModel
+
+# init_std 0.3 spreads the logits of a random model, so greedy choices are not near-ties
+TINY = {"vocab_size": 128, "context_length": 64, "d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "head_dim": 8,
+            "ffn_hidden": 64, "init_std": 0.3}
+
+
+def tiny(seed: int = 0, **overrides) -> Transformer:
+    torch.manual_seed(seed)
+    return Transformer(ModelConfig(**{**TINY, **overrides})).eval()
+
+
+def prompts(lengths, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 128, (n,), generator=g).tolist() for n in lengths]
+
+
+LENGTHS = [1, 5, 17, 33, 3, 16, 20, 9]
+
+
+def reference(model, ps, max_tokens):
+    return [generate_ids(model, [p], max_new_tokens=max_tokens)[0] for p in ps]
+
+
+def run(engine, ps, max_tokens=12, **kw):
+    return [out[0] for out in engine.generate([Request(p, max_tokens=max_tokens, stop_tokens=[], **kw) for p in ps])]
+
+
+def test_batched_greedy_equals_single_requests_and_blocks_return():
+    model = tiny()
+    ps = prompts(LENGTHS)
+    engine = Engine(model, block_size=4, max_batch_tokens=24, max_seqs=8)  # prompts prefill in chunks
+    assert run(engine, ps) == reference(model, ps, 12)
+    assert engine.blocks.num_free == engine.blocks.num_blocks
+    assert engine.stats()["running"] == engine.stats()["waiting"] == 0
+
+
+@pytest.mark.parametrize("pos", ["rope", "learned", "alibi"])
+def test_position_schemes(pos):
+    model = tiny(pos=pos)
+    ps = prompts([3, 11, 7])
+    assert run(Engine(model, block_size=4, max_batch_tokens=16), ps, 8) == reference(model, ps, 8)
+
+
+def test_tiny_pool_preempts_and_still_completes_every_request():
+    model = tiny()
+    ps = prompts(LENGTHS)
+    engine = Engine(model, block_size=4, num_blocks=12, max_batch_tokens=16, max_seqs=8)
+    assert run(engine, ps) == reference(model, ps, 12)
+    assert engine.preemptions > 0
+    assert engine.blocks.num_free == 12
+
+
+def test_prefix_cache_hit_and_same_output():
+    model = tiny()
+    system = prompts([24])[0]
+    ps = [system + tail for tail in prompts([3, 6, 2], seed=5)]
+    engine = Engine(model, block_size=4, max_batch_tokens=64)
+    first = run(engine, ps[:1])
+    assert engine.blocks.hit_rate == 0.0
+    rest = run(engine, ps[1:])
+    assert first + rest == reference(model, ps, 12)
+    assert engine.blocks.hits >= 2 * (24 // 4)  # every full block of the shared prefix, for both requests
+    out = engine.generate([Request(ps[1], max_tokens=1, stop_tokens=[])])
+    assert out and engine.blocks.num_free == engine.blocks.num_blocks
+
+
+def test_prefix_cache_off_gives_no_hits():
+    model = tiny()
+    p = prompts([30])[0]
+    engine = Engine(model, block_size=4, prefix_caching=False)
+    assert run(engine, [p, p]) == reference(model, [p, p], 12)
+    assert engine.blocks.hits == 0
+
+
+def test_abort_frees_blocks_mid_generation():
+    engine = Engine(tiny(), block_size=4, max_batch_tokens=32)
+    keep = engine.submit(Request(prompts([10])[0], max_tokens=20, stop_tokens=[]))
+    gone = engine.submit(Request(prompts([12], seed=3)[0], max_tokens=20, stop_tokens=[]))
+    for _ in range(3):
+        engine.step()
+    assert engine.blocks.num_used > 0
+    engine.abort(gone)
+    reasons = {}
+    while engine.has_work():
+        for out in engine.step():
+            reasons[out.request_id] = out.finish_reason or reasons.get(out.request_id)
+    assert reasons == {keep: "length", gone: "abort"}
+    assert engine.blocks.num_free == engine.blocks.num_blocks
+
+
+def test_lru_eviction_reuses_the_oldest_cached_block():
+    blocks = BlockManager(num_blocks=2, block_size=2)
+    a, b = blocks.allocate(), blocks.allocate()
+    blocks.register(a, b"a")
+    blocks.register(b, b"b")
+    blocks.release([a])
+    blocks.release([b])
+    assert blocks.num_free == 2
+    assert blocks.allocate() == a  # released first, evicted first
+    assert b"a" not in blocks.cached and b"b" in blocks.cached
+
+
+def test_speculative_greedy_equals_plain_greedy():
+    model = tiny()
+    ps = prompts(LENGTHS)
+    expected = reference(model, ps, 12)
+    other = DraftModel(tiny(seed=7))  # an unrelated draft: mostly rejected, output unchanged
+    engine = Engine(model, block_size=4, max_batch_tokens=64, drafter=other, num_draft=3)
+    assert run(engine, ps) == expected
+    assert engine.drafted > 0 and engine.acceptance_rate < 0.5
+    assert engine.blocks.num_free == engine.blocks.num_blocks
+    same = Engine(model, block_size=4, max_batch_tokens=64, drafter=DraftModel(model), num_draft=3)
+    assert run(same, ps) == expected
+    assert same.acceptance_rate == 1.0  # the model drafting for itself is always right
+
+
+def test_seeded_sampling_is_reproducible_and_n_gives_independent_draws():
+    engine = Engine(tiny(), block_size=4)
+    request = {"prompt": prompts([5])[0], "max_tokens": 10, "params": SamplingParams(temperature=1.0, top_k=20, top_p=0.9),
+                   "stop_tokens": [], "seed": 3, "n": 2}
+    a = engine.generate([Request(**request)])[0]
+    b = engine.generate([Request(**request)])[0]
+    assert a == b and a[0] != a[1]
+
+
+def test_penalties_match_the_generation_loop():
+    model = tiny()
+    ps = prompts([6, 9])
+    params = SamplingParams(repetition_penalty=1.5, frequency_penalty=0.5, presence_penalty=0.3)
+    expected = [generate_ids(model, [p], 12, params)[0] for p in ps]
+    assert run(Engine(model, block_size=4), ps, params=params) == expected
+
+
+def test_logprobs_are_the_models_log_softmax():
+    model = tiny()
+    p = prompts([7])[0]
+    engine = Engine(model, block_size=4)
+    engine.submit(Request(p, max_tokens=1, stop_tokens=[], logprobs=3))
+    out = engine.step()[0]  # the whole prompt fits one step
+    with torch.no_grad():
+        expected = torch.log_softmax(model(torch.tensor([p]))[0, -1].float(), -1)
+    token_logprob, top = out.logprobs[0]
+    assert token_logprob == pytest.approx(float(expected.max()), abs=1e-4)
+    assert list(top) == expected.topk(3).indices.tolist()
+
+
+def _adapter(tmp_path, name, model, rank, targets, seed):
+    g = torch.Generator().manual_seed(seed)
+    modules = dict(model.named_modules())
+    tensors = {}
+    for target in targets:
+        linear = modules[target]
+        tensors[f"{target}.lora_A.weight"] = torch.randn(rank, linear.in_features, generator=g) * 0.3
+        tensors[f"{target}.lora_B.weight"] = torch.randn(linear.out_features, rank, generator=g) * 0.3
+    path = tmp_path / name
+    path.mkdir()
+    save_file(tensors, str(path / "adapter.safetensors"))
+    (path / "adapter_config.json").write_text(f'{{"r": {rank}, "lora_alpha": {2 * rank}}}')
+    return path, tensors
+
+
+def _merged(tensors, scale, seed=0):
+    model = tiny(seed)
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for key, a in tensors.items():
+            if key.endswith("lora_A.weight"):
+                name = key.removesuffix(".lora_A.weight")
+                modules[name].weight += scale * tensors[f"{name}.lora_B.weight"] @ a
+    return model
+
+
+def test_one_batch_mixes_adapters_and_the_base(tmp_path):
+    base = tiny()
+    first, t1 = _adapter(tmp_path, "first", base, 4, ["layers.0.self_attn.q_proj", "layers.1.mlp.down_proj"], 1)
+    second, t2 = _adapter(tmp_path, "second", base, 2, ["layers.0.self_attn.v_proj"], 2)
+    ps = prompts([5, 8, 13])
+    expected = [reference(tiny(), ps[:1], 10)[0], reference(_merged(t1, 2.0), ps[1:2], 10)[0],
+                reference(_merged(t2, 2.0), ps[2:], 10)[0]]
+    engine = Engine(tiny(), block_size=4, adapters={"first": first, "second": second})
+    outs = engine.generate([Request(p, max_tokens=10, stop_tokens=[], adapter=a) for p, a in zip(ps, [None, "first", "second"])])
+    assert [o[0] for o in outs] == expected
+    assert len(set(map(tuple, expected))) == 3  # the adapters change the output
+
+
+@pytest.mark.parametrize("request_kw, message", [
+    ({"prompt": []}, "prompt is empty"),
+    ({"prompt": [1] * 64}, "context is 64"),
+    ({"prompt": [1], "max_tokens": 0}, "max_tokens must be at least 1"),
+    ({"prompt": [1] * 60, "max_tokens": 10}, "exceed the model's context"),
+    ({"prompt": [1], "n": 100}, "n must be between 1 and"),
+    ({"prompt": [1], "adapter": "nope"}, "unknown adapter 'nope'"),
+    ({"prompt": [500]}, "prompt token ids must be in"),
+])
+def test_bad_requests_are_rejected(request_kw, message):
+    with pytest.raises(InputError, match=message):
+        Engine(tiny(), block_size=4).submit(Request(**request_kw))
