@@ -1,7 +1,7 @@
 """Chat messages -> prompt token ids, with the model's own chat template.
 
 The template is the Jinja2 `chat_template` of `tokenizer_config.json` (the Hugging Face
-convention), rendered in a sandbox since it comes with the model. Without one, a tokenizer that
+convention), rendered by the tokenizer's sandboxed renderer since it comes with the model. Without one, a tokenizer that
 has `<|im_start|>`/`<|im_end|>` special tokens gets ChatML.
 """
 
@@ -11,9 +11,10 @@ import json
 import os
 from pathlib import Path
 
-from slmkit.errors import InputError
+from slmkit.errors import InputError, TokenizerError
 from slmkit.generation.chat import IM_END, IM_START
 from slmkit.tokenizer import Tokenizer
+from slmkit.tokenizer.chat_template import render_chat_template
 
 CHATML = (
     "{% for message in messages %}"
@@ -27,13 +28,7 @@ class ChatTemplate:
     """`render(messages)` -> the prompt text; `stop_tokens` end an assistant turn."""
 
     def __init__(self, source: str, tokenizer: Tokenizer, config: dict) -> None:
-        from jinja2.exceptions import TemplateError
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        try:
-            self.template = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(source)
-        except TemplateError as e:
-            raise InputError(f"the chat template does not parse: {e}") from None
+        self.source = source
         self.tokenizer = tokenizer
         self.special = {k: config.get(k) for k in ("bos_token", "eos_token")}
         specials = tokenizer.special_tokens
@@ -46,7 +41,7 @@ class ChatTemplate:
         """The model's template, else ChatML when the tokenizer can spell it, else None."""
         path = Path(directory) / "tokenizer_config.json"
         config = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-        source = config.get("chat_template")
+        source = tokenizer.chat_template or config.get("chat_template")
         if isinstance(source, list):  # several named templates: the default one
             source = next((t["template"] for t in source if t.get("name") == "default"), None)
         if source:
@@ -56,10 +51,8 @@ class ChatTemplate:
         return None
 
     def render(self, messages: list[dict]) -> list[int]:
-        from jinja2.exceptions import TemplateError
-
         try:
-            text = self.template.render(messages=messages, add_generation_prompt=True, **self.special)
-        except TemplateError as e:
+            text = render_chat_template(self.source, messages, add_generation_prompt=True, **self.special)
+        except TokenizerError as e:
             raise InputError(f"the chat template cannot render these messages: {e}") from None
         return self.tokenizer.encode(text, allowed_special="all")
