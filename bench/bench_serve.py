@@ -44,7 +44,7 @@ from bench_model import hf_model
 from slmkit.model.io import load
 from slmkit.serve.bench import bench_serve
 
-MODEL = "/work/main/runs/quickstart/run/final"
+MODEL = "runs/quickstart/run/final"  # made by `make quickstart`
 
 
 def rss_mb(pid: int) -> float:
