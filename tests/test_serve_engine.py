@@ -211,3 +211,23 @@ def test_one_batch_mixes_adapters_and_the_base(tmp_path):
 def test_bad_requests_are_rejected(request_kw, message):
     with pytest.raises(InputError, match=message):
         Engine(tiny(), block_size=4).submit(Request(**request_kw))
+
+
+def test_serves_an_adapter_as_finetuning_saves_it(tmp_path):
+    """An adapter written by `slmkit.model.lora.save_adapter` (PEFT key layout) serves exactly like
+    the same adapter merged into the weights."""
+    from slmkit.model import lora
+
+    trained = tiny()
+    lora.inject_lora(trained, rank=4, alpha=8.0, targets=["q", "v", "down"])
+    torch.manual_seed(3)
+    for _, layer in lora.lora_layers(trained):
+        torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.05)
+    lora.save_adapter(trained, tmp_path / "domain")
+    lora.merge(trained)
+    merged = lora.unwrap(trained).eval()
+    ps = prompts([6, 9])
+    engine = Engine(tiny(), block_size=4, adapters={"domain": tmp_path / "domain"})
+    outs = engine.generate([Request(p, max_tokens=10, stop_tokens=[], adapter="domain") for p in ps])
+    assert [o[0] for o in outs] == reference(merged, ps, 10)
+    assert [o[0] for o in outs] != reference(tiny(), ps, 10)

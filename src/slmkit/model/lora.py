@@ -37,7 +37,7 @@ from slmkit.errors import InputError
 DEFAULT_TARGETS = ("q", "k", "v", "o")
 ALIASES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter.safetensors"
-_PREFIX = "base_model.model."
+PEFT_PREFIX = "base_model.model."
 
 
 class Int8Linear(nn.Module):
@@ -249,8 +249,8 @@ def adapter_state(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
     state = {}
     for module_name, layer in lora_layers(model):
         if name in layer.lora_A:
-            state[f"{_PREFIX}{module_name}.lora_A.weight"] = layer.lora_A[name].weight.detach().contiguous().cpu()
-            state[f"{_PREFIX}{module_name}.lora_B.weight"] = layer.lora_B[name].weight.detach().contiguous().cpu()
+            state[f"{PEFT_PREFIX}{module_name}.lora_A.weight"] = layer.lora_A[name].weight.detach().contiguous().cpu()
+            state[f"{PEFT_PREFIX}{module_name}.lora_B.weight"] = layer.lora_B[name].weight.detach().contiguous().cpu()
     if not state:
         raise InputError(f"the model has no adapter named {name!r}")
     return state
@@ -290,7 +290,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str | Non
     config = json.loads(config_path.read_text(encoding="utf-8"))
     name = name or directory.name
     state = load_file(str(weights_path))
-    modules = sorted({k[len(_PREFIX):].rsplit(".lora_", 1)[0] for k in state})
+    modules = sorted({k[len(PEFT_PREFIX):].rsplit(".lora_", 1)[0] for k in state})
     targets = [re.escape(m) for m in modules]
     with torch.no_grad():
         requires = {n: p.requires_grad for n, p in model.named_parameters()}
@@ -299,7 +299,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str | Non
             if name not in layer.lora_A:
                 continue
             for part in ("lora_A", "lora_B"):
-                key = f"{_PREFIX}{module_name}.{part}.weight"
+                key = f"{PEFT_PREFIX}{module_name}.{part}.weight"
                 if key not in state:
                     raise InputError(f"{weights_path} has no {key}; it was saved for another model")
                 target = getattr(layer, part)[name].weight

@@ -3,9 +3,10 @@
 Adapter directory (`MODEL_DIR/adapters/NAME/`):
 
     adapter_config.json   {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]}
-    adapter.safetensors   for each adapted linear, by its module name in the model:
-                          "layers.0.self_attn.q_proj.lora_A.weight"  [r, in_features]
-                          "layers.0.self_attn.q_proj.lora_B.weight"  [out_features, r]
+    adapter.safetensors   for each adapted linear, by its module name in the model (PEFT's
+                          "base_model.model." prefix, as `slmkit finetune --lora-rank` writes, or none):
+                          "base_model.model.layers.0.self_attn.q_proj.lora_A.weight"  [r, in_features]
+                          "base_model.model.layers.0.self_attn.q_proj.lora_B.weight"  [out_features, r]
 
 An adapted linear computes y = W x + (alpha / r) * B (A x). Serving keeps W once and adds, per
 row i of the batch, the delta of that row's adapter: y_i += s_i * (x_i A_i^T) B_i^T. Adapters are
@@ -24,6 +25,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from slmkit.errors import InputError
+from slmkit.model.lora import PEFT_PREFIX
 from slmkit.model.transformer import Transformer
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter.safetensors"
@@ -40,6 +42,7 @@ def read_adapter(path: str | os.PathLike) -> tuple[float, dict[str, tuple[torch.
     scaling = float(config.get("lora_alpha", config["r"])) / config["r"]
     tensors = load_file(str(path / WEIGHTS))
     pairs = {}
+    tensors = {key.removeprefix(PEFT_PREFIX): t for key, t in tensors.items()}  # as `save_adapter` writes them
     for key in tensors:
         if key.endswith(".lora_A.weight"):
             name = key.removesuffix(".lora_A.weight")
