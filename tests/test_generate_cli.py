@@ -133,3 +133,18 @@ def test_chat_format_prompts(tmp_path):
     plain = ChatSession(plain_model, plain_tok, max_new_tokens=4)
     plain.history = [("user", "hi"), ("assistant", "hello"), ("user", "bye")]
     assert plain_tok.decode(plain.prompt_ids()) == "User: hi\nAssistant: hello\nUser: bye\nAssistant:"
+
+
+def test_chat_uses_the_models_own_chat_template(tmp_path):
+    directory = make_model_dir(tmp_path / "m", ["<|endoftext|>"])
+    config_path = directory / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["chat_template"] = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+                               "{% if add_generation_prompt %}[assistant] {% endif %}")
+    config_path.write_text(json.dumps(config))
+    model, tokenizer = slmkit.load(directory)
+    session = ChatSession(model, tokenizer, max_new_tokens=4)
+    reply = "".join(session.send("hello"))
+    session.history.append(("user", "again"))
+    expected = f"[user] hello\n[assistant] {reply.strip()}\n[user] again\n[assistant] "
+    assert session.prompt_ids() == tokenizer.encode(expected, allowed_special="all")

@@ -1,8 +1,10 @@
 """Multi-turn chat: a prompt format, a history that fits the context window, and a REPL.
 
-With `<|im_start|>`/`<|im_end|>` among the tokenizer's special tokens the prompt is ChatML;
-otherwise it is plain "User: ...\\nAssistant: ..." text, which a model pretrained on dialogue
-transcripts can follow. When the history outgrows the context, the oldest turns are dropped.
+A tokenizer with its own chat template (an imported instruct model's, from tokenizer_config.json)
+renders the prompt; otherwise, with `<|im_start|>`/`<|im_end|>` among the tokenizer's special
+tokens, the prompt is ChatML; otherwise it is plain "User: ...\\nAssistant: ..." text, which a model
+pretrained on dialogue transcripts can follow. When the history outgrows the context, the oldest
+exchanges are dropped.
 """
 
 from __future__ import annotations
@@ -26,8 +28,15 @@ class ChatFormat:
         self.tokenizer = tokenizer
         specials = tokenizer.special_tokens
         self.chatml = IM_START in specials and IM_END in specials
-        self.stop = [] if self.chatml else ["\nUser:"]
+        self.stop = [] if self.chatml or tokenizer.chat_template else ["\nUser:"]
         self.stop_tokens = stop_token_ids(tokenizer, None) + ([specials[IM_END]] if self.chatml else [])
+
+    def render(self, history: list[tuple[str, str]]) -> list[int]:
+        """The whole conversation as prompt ids, ending where the assistant's reply begins."""
+        if self.tokenizer.chat_template:
+            messages = [{"role": role, "content": content} for role, content in history]
+            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        return [token for role, content in history for token in self.turn(role, content)] + self.reply_prefix()
 
     def turn(self, role: str, content: str) -> list[int]:
         encode = self.tokenizer.encode_ordinary  # what the user types is never a special token
@@ -62,20 +71,18 @@ class ChatSession:
         self.history = []
 
     def prompt_ids(self) -> list[int]:
-        """The history as a prompt, after dropping the oldest turns that do not fit. A new message
+        """The history as a prompt, after dropping the oldest exchanges that do not fit. A new message
         that cannot fit even alone is taken back out of the history."""
-        budget = self.model.cfg.context_length - self.reply_tokens - len(self.format.reply_prefix())
-        turns = [self.format.turn(role, content) for role, content in self.history]
-        if len(turns[-1]) > budget:
+        budget = self.model.cfg.context_length - self.reply_tokens
+        alone = len(self.format.render(self.history[-1:]))
+        if alone > budget:
             self.history.pop()
-            raise InputError(f"the message is {len(turns[-1])} tokens; at most {budget} fit in the context with room for a reply")
-        while sum(map(len, turns)) > budget:
-            turns.pop(0)
+            raise InputError(f"the message is {alone} tokens as a prompt; at most {budget} fit in the context with room for a reply")
+        while len(ids := self.format.render(self.history)) > budget:
             self.history.pop(0)
-            if self.history and self.history[0][0] == "assistant":  # drop the whole exchange
-                turns.pop(0)
+            if self.history[0][0] == "assistant":  # drop the whole exchange
                 self.history.pop(0)
-        return [token for turn in turns for token in turn] + self.format.reply_prefix()
+        return ids
 
     def send(self, message: str) -> Iterator[str]:
         self.history.append(("user", message))
