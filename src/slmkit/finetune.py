@@ -260,6 +260,7 @@ def finetune_sft(
     val_fraction: float = 0.1,
     fmt: str | None = None,
     train_on_prompt: bool = False,
+    pack: bool = False,
     max_length: int | None = None,
     max_new_tokens: int = 128,
     max_responses: int | None = None,
@@ -270,7 +271,8 @@ def finetune_sft(
     progress: bool = True,
 ) -> FinetuneResult:
     """Instruction-tune on Alpaca-style or chat records; loss on response tokens only (unless
-    `train_on_prompt`). Afterwards the held-out records' responses go to responses.jsonl."""
+    `train_on_prompt`); `pack` lays several examples end to end in each context-length row.
+    Afterwards the held-out records' responses go to responses.jsonl."""
     from slmkit.eval.responses import generate_responses, write_jsonl
     from slmkit.eval.text_metrics import text_metrics
     from slmkit.train.objectives.sft import SupervisedFineTuning
@@ -282,7 +284,8 @@ def finetune_sft(
     fmt_ = get_template(template, tokenizer, model_dir)
     torch.manual_seed(cfg.seed)
     model = load_model(model_dir).train()
-    objective = SupervisedFineTuning(fmt_, max_length or model.cfg.context_length, _pad_id(tokenizer), train_on_prompt)
+    objective = SupervisedFineTuning(fmt_, max_length or model.cfg.context_length, _pad_id(tokenizer), train_on_prompt,
+                                     pack=pack)
     train_ex, bad_train = _prepare_each(objective, train_records, skip_bad)
     val_ex, bad_val = _prepare_each(objective, val_records, skip_bad)
     lora = apply_lora(model, cfg)

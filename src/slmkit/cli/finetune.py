@@ -50,7 +50,7 @@ def cmd_sft(args: argparse.Namespace) -> None:
 
     result = finetune_sft(
         args.model, args.data, args.out, template=args.template, val=args.val, val_fraction=args.val_fraction,
-        fmt=args.format, train_on_prompt=args.train_on_prompt, max_length=args.max_length,
+        fmt=args.format, train_on_prompt=args.train_on_prompt, pack=args.pack, max_length=args.max_length,
         max_new_tokens=args.max_new_tokens, max_responses=args.max_responses, skip_bad=args.skip_bad,
         cfg=_config(args), device=args.device, force=args.force, progress=not args.quiet)
     _print_result(result)
@@ -175,6 +175,9 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
                                      "the held-out records.")
     _instruction_options(p)
     p.add_argument("--train-on-prompt", action="store_true", help="take the loss on prompt tokens too")
+    p.add_argument("--pack", action="store_true",
+                   help="pack several examples into each context-length row (positions and attention stop at example "
+                        "boundaries): fewer, fuller batches for short examples")
     p.add_argument("--max-new-tokens", type=int, default=128, help="length of held-out responses (default: 128)")
     p.add_argument("--max-responses", type=int, help="generate responses for at most N held-out records (default: all)")
     _training_options(p)

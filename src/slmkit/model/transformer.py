@@ -93,6 +93,8 @@ class Transformer(nn.Module):
         with a `cache`, only the new tokens are passed and the cache supplies the past.
         `positions` [B, T] places every new token of a ragged batch (serving: each row at its own
         length); the cache then also supplies `key_positions` [B, K] and the boolean `mask` [B, 1, T, K].
+        Without a cache, `positions` describe packed rows: each document starts again at position 0
+        and attends only within itself.
         """
         cfg = self.cfg
         b, t = input_ids.shape
@@ -102,6 +104,8 @@ class Transformer(nn.Module):
             raise InputError(f"sequence of {total} tokens is longer than the model's context length {cfg.context_length}")
         if positions is None:
             positions, k_positions, mask = self._positions_and_mask(b, t, past, attention_mask, input_ids.device)
+        elif cache is None:
+            k_positions, mask = positions, self._packed_mask(positions)
         else:
             k_positions, mask = cache.key_positions, cache.mask
 
@@ -156,6 +160,14 @@ class Transformer(nn.Module):
             causal = self._causal(t, total, positions.device)
             return near if causal is None else near & causal
         return mask & near if mask.dtype == torch.bool else mask.masked_fill(~near, float("-inf"))
+
+    def _packed_mask(self, positions: torch.Tensor) -> torch.Tensor:
+        """[B, 1, T, T]: each token sees the tokens of its own document (earlier ones, in a decoder);
+        a document begins wherever the positions restart at 0."""
+        document = (positions == 0).cumsum(-1)  # [B, T]
+        mask = document[:, :, None] == document[:, None, :]
+        causal = self._causal(positions.shape[1], positions.shape[1], positions.device)
+        return (mask if causal is None else mask & causal)[:, None]
 
     def _positions_and_mask(self, b, t, past, attention_mask, device):
         """Positions of the new tokens and of all keys, and a boolean mask when padding needs one."""

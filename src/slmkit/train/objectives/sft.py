@@ -2,8 +2,9 @@
 
 Each example is prompt ids + response ids; the targets of prompt positions are the ignore index
 (-100) unless `train_on_prompt`, so the model learns to answer, not to write instructions.
-Batches are right-padded; the attention mask keeps padding out of attention, and padded
-positions carry no loss.
+Batches are right-padded (the attention mask keeps padding out of attention, and padded
+positions carry no loss), or packed: examples end to end in full-context rows, each with its own
+positions and attention confined to itself.
 """
 
 from __future__ import annotations
@@ -57,7 +58,33 @@ def pad_batch(examples: Sequence[SFTExample], pad_id: int) -> dict[str, torch.Te
     return {"input_ids": inputs, "targets": targets, "attention_mask": mask}
 
 
+def pack_batch(examples: Sequence[SFTExample], width: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """Examples laid end to end in rows of `width` tokens (first fit, in order), each with its own
+    positions from 0, so that attention and positions stop at example boundaries; the rest of a
+    row is padding that carries no loss. Fewer rows and far less padding than `pad_batch`."""
+    rows: list[list[SFTExample]] = []
+    for e in examples:
+        row = next((r for r in rows if sum(len(x.ids) - 1 for x in r) + len(e.ids) - 1 <= width), None)
+        if row is None:
+            rows.append(row := [])
+        row.append(e)
+    inputs = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    targets = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    positions = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        start = 0
+        for e in row:
+            n = len(e.ids) - 1
+            inputs[i, start : start + n] = torch.tensor(e.ids[:-1])
+            targets[i, start : start + n] = torch.tensor(e.labels[1:])
+            positions[i, start : start + n] = torch.arange(n)
+            start += n
+    return {"input_ids": inputs, "targets": targets, "positions": positions}
+
+
 def forward(model: Transformer, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    if "positions" in batch:
+        return model(batch["input_ids"], positions=batch["positions"])
     mask = batch["attention_mask"]
     return model(batch["input_ids"], None if bool(mask.all()) else mask)
 
@@ -67,9 +94,10 @@ class SupervisedFineTuning:
     metric = "loss"
     higher_is_better = False
 
-    def __init__(self, template: Template, max_len: int, pad_id: int, train_on_prompt: bool = False, eval_batch_size: int = 16) -> None:
+    def __init__(self, template: Template, max_len: int, pad_id: int, train_on_prompt: bool = False, eval_batch_size: int = 16,
+                 pack: bool = False) -> None:
         self.template, self.max_len, self.pad_id = template, max_len, pad_id
-        self.train_on_prompt, self.eval_batch_size = train_on_prompt, eval_batch_size
+        self.train_on_prompt, self.eval_batch_size, self.pack = train_on_prompt, eval_batch_size, pack
 
     def prepare(self, records: Sequence[dict[str, Any]]) -> list[SFTExample]:
         out = []
@@ -81,7 +109,7 @@ class SupervisedFineTuning:
         return out
 
     def collate(self, examples: Sequence[SFTExample]) -> dict[str, torch.Tensor]:
-        return pad_batch(examples, self.pad_id)
+        return pack_batch(examples, self.max_len, self.pad_id) if self.pack else pad_batch(examples, self.pad_id)
 
     def loss(self, model: Transformer, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         logits = forward(model, batch)
