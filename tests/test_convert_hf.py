@@ -32,6 +32,9 @@ SIZES = {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 96, "num_hid
          "num_key_value_heads": 2, "max_position_embeddings": 128}
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+DEEPSEEK = dict(SIZES, num_key_value_heads=4, q_lora_rank=24, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
+                v_head_dim=12, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=3, n_shared_experts=1,
+                first_k_dense_replace=1, n_group=4, topk_group=2, routed_scaling_factor=2.5)
 FAMILIES = {  # name: (config class, options, tokenizer layout)
     "gpt2": ("GPT2Config", {"vocab_size": 512, "n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 128}, "gpt2"),
     "llama2": ("LlamaConfig", dict(SIZES, num_key_value_heads=4), "llama3"),
@@ -43,6 +46,10 @@ FAMILIES = {  # name: (config class, options, tokenizer layout)
     "gemma2": ("Gemma2Config", dict(SIZES, head_dim=16, sliding_window=8, query_pre_attn_scalar=24,
                                     attn_logit_softcapping=5.0, final_logit_softcapping=3.0), "llama3"),
     "phi3": ("Phi3Config", dict(SIZES, pad_token_id=0, eos_token_id=1), "llama3"),
+    "mixtral": ("MixtralConfig", dict(SIZES, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2), "llama3"),
+    "qwen3_moe": ("Qwen3MoeConfig", dict(SIZES, head_dim=32, moe_intermediate_size=32, num_local_experts=8,
+                                         num_experts_per_tok=3, norm_topk_prob=False, mlp_only_layers=[0]), "qwen2"),
+    "deepseek_v3": ("DeepseekV3Config", dict(DEEPSEEK, rope_interleave=False), "llama3"),
 }
 TEXTS = BUILTIN + ["  multiple   spaces\n\n\n and\ttabs  ", "emoji 🤖🚀 and accents café naïve Ελληνικά", ""]
 TEMPLATE = (
@@ -59,6 +66,9 @@ def randomize(model: torch.nn.Module) -> None:
         for name, p in model.named_parameters():
             if "norm" in name or "ln_" in name or name.endswith("bias"):
                 p.normal_(mean=1.0 if name.endswith("weight") else 0.0, std=0.2)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # DeepSeek-V3's router selection bias
+                b.normal_(std=0.05)
 
 
 @pytest.fixture(scope="module")

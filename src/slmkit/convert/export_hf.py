@@ -35,6 +35,10 @@ def to_hf(model_dir: str | os.PathLike, out: str | os.PathLike, family: str | No
         fam = FAMILIES[family]
         if blockers := fam.blockers(cfg):
             raise InputError(f"this model cannot be written as {family}: {'; '.join(blockers)}")
+    nonzero = [n for n, t in model.state_dict().items() if fam.zero and n.endswith(fam.zero) and t.any()]
+    if nonzero:
+        raise InputError(f"this model cannot be written as {fam.name}: {nonzero[0]} is not zero "
+                         f"({fam.name} has no router bias)")
     model_dir = Path(model_dir)
     tokenizer = Tokenizer.load(model_dir) if (model_dir / "tokenizer.json").is_file() else None
     ids = _token_ids(tokenizer, generation_defaults(model_dir))

@@ -50,6 +50,7 @@ class Family:
     keys: frozenset[str]  # HF config keys `read` interprets (anything else must be harmless)
     tensors: Callable[[ModelConfig], list[Tensor]]
     check: Callable[[ModelConfig], list[str]] = lambda cfg: []  # constraints between fields
+    zero: tuple[str, ...] = ()  # suffixes of slmkit buffers the family has no tensor for: they must stay zero
 
     def blockers(self, cfg: ModelConfig) -> list[str]:
         """Why `cfg` cannot be written as this family (empty when it can)."""
@@ -157,35 +158,46 @@ _DECODER_FIXED = {
     "norm": "rmsnorm", "norm_plus_one": False, "mlp": "swiglu", "pos": "rope", "causal": True, "embed_scale": False, "qk_norm": False,
     "logit_softcap": None, "attn_softcap": None, "attn_scale": None, "output_norms": False, "lm_head_bias": False,
     "attn_bias": False, "attn_out_bias": False, "mlp_bias": False, "sliding_window": None, "sliding_window_layers": None,
+    "attention_kind": "mha", "ffn_kind": "dense",
 }
 
 
-def _decoder_tensors(cfg: ModelConfig, rename: dict[str, str] | None = None, fuse: dict[str, tuple[str, ...]] | None = None) -> list[Tensor]:
-    """HF Llama layout (slmkit's names under `model.`), with per-layer renames and fused groups."""
+def _decoder_tensors(cfg: ModelConfig, rename: dict[str, str] | None = None, fuse: dict[str, tuple[str, ...]] | None = None,
+                     router_bias: bool = False) -> list[Tensor]:
+    """HF Llama layout (slmkit's names under `model.`), with per-layer renames and fused groups; MoE
+    checkpoints store one tensor per expert, as slmkit does."""
     rename, fuse = rename or {}, fuse or {}
     fused_members = {member: hf for hf, members in fuse.items() for member in members}
-    layer = []
-    for name in _layer_names(cfg):
-        module, _, kind = name.rpartition(".")
-        if module in fused_members:
-            hf_module = fused_members[module]
-            if fuse[hf_module][0] == module:  # the group is emitted once, at its first member
-                layer.append((f"{hf_module}.{kind}", tuple(f"{m}.{kind}" for m in fuse[hf_module])))
-        else:
-            layer.append((f"{rename.get(module, module)}.{kind}", (name,)))
     out = [Tensor("model.embed_tokens.weight", ("embed_tokens.weight",))]
     for i in range(cfg.n_layers):
-        out += [Tensor(f"model.layers.{i}.{hf}", tuple(f"layers.{i}.{o}" for o in ours)) for hf, ours in layer]
+        layer = []
+        for name in _layer_names(cfg, i, router_bias):
+            module, _, kind = name.rpartition(".")
+            if module in fused_members:
+                hf_module = fused_members[module]
+                if fuse[hf_module][0] == module:  # the group is emitted once, at its first member
+                    layer.append(Tensor(f"{hf_module}.{kind}", tuple(f"{m}.{kind}" for m in fuse[hf_module])))
+            else:
+                layer.append(Tensor(f"{rename.get(module, module)}.{kind}", (name,)))
+        out += [Tensor(f"model.layers.{i}.{t.hf}", tuple(f"layers.{i}.{o}" for o in t.ours)) for t in layer]
     out.append(Tensor("model.norm.weight", ("norm.weight",)))
     if not cfg.tie_embeddings:
         out.append(Tensor("lm_head.weight", ("lm_head.weight",)))
     return out
 
 
-def _layer_names(cfg: ModelConfig) -> list[str]:
-    """Parameter names inside one block, in module order."""
+def _is_moe_layer(cfg: ModelConfig, i: int) -> bool:
+    return cfg.ffn_kind == "moe" and i >= cfg.first_k_dense
+
+
+def _layer_names(cfg: ModelConfig, i: int, router_bias: bool = False) -> list[str]:
+    """Parameter names inside block `i`, in module order (the router's selection bias only when
+    the family stores it)."""
     names = ["input_layernorm.weight"]
-    for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+    if cfg.attention_kind == "mla":
+        query = ["q_a_proj", "q_a_layernorm", "q_b_proj"] if cfg.q_lora_rank else ["q_proj"]
+        names += [f"self_attn.{m}.weight" for m in (*query, "kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj", "o_proj")]
+    for proj in () if cfg.attention_kind == "mla" else ("q_proj", "k_proj", "v_proj", "o_proj"):
         names.append(f"self_attn.{proj}.weight")
         if cfg.attn_out_bias if proj == "o_proj" else cfg.attn_bias:
             names.append(f"self_attn.{proj}.bias")
@@ -194,13 +206,26 @@ def _layer_names(cfg: ModelConfig) -> list[str]:
     if cfg.output_norms:
         names.append("attn_output_norm.weight")
     names.append("post_attention_layernorm.weight")
-    for proj in ("gate_proj", "up_proj", "down_proj"):
-        names.append(f"mlp.{proj}.weight")
+    dense = "mlp" if not _is_moe_layer(cfg, i) else "mlp.shared_experts" if cfg.n_shared_experts else None
+    for proj in ("gate_proj", "up_proj", "down_proj") if dense else ():
+        names.append(f"{dense}.{proj}.weight")
         if cfg.mlp_bias:
-            names.append(f"mlp.{proj}.bias")
+            names.append(f"{dense}.{proj}.bias")
+    if _is_moe_layer(cfg, i):
+        names += ["mlp.gate.weight", *(["mlp.gate.e_score_correction_bias"] if router_bias else [])]
+        names += [f"mlp.experts.{e}.{p}.weight" for e in range(cfg.n_experts) for p in ("gate_proj", "up_proj", "down_proj")]
     if cfg.output_norms:
         names.append("mlp_output_norm.weight")
     return names
+
+
+def _mixtral_tensors(cfg: ModelConfig) -> list[Tensor]:
+    """Mixtral's checkpoint names: `block_sparse_moe`, experts' w1 (gate), w2 (down), w3 (up)."""
+    rename = {"mlp.gate": "block_sparse_moe.gate"}
+    for e in range(cfg.n_experts):
+        for ours, theirs in (("gate_proj", "w1"), ("down_proj", "w2"), ("up_proj", "w3")):
+            rename[f"mlp.experts.{e}.{ours}"] = f"block_sparse_moe.experts.{e}.{theirs}"
+    return _decoder_tensors(cfg, rename=rename)
 
 
 # ---------------------------------------------------------------------------------- families
@@ -289,6 +314,78 @@ def _phi3_write(cfg):
     return {**_decoder_write(cfg), "sliding_window": cfg.sliding_window}
 
 
+def _mixtral_read(hf):
+    width = hf["intermediate_size"]  # every layer is MoE: this is one expert's width
+    return {**_mistral_read(hf), "ffn_hidden": width, "moe_ffn_hidden": width, "n_experts": hf["num_local_experts"],
+            "n_experts_per_tok": hf["num_experts_per_tok"], "aux_loss_coef": hf.get("router_aux_loss_coef", 0.0)}
+
+
+def _mixtral_write(cfg):
+    return {**_mistral_write(cfg), "intermediate_size": cfg.moe_ffn_hidden, "num_local_experts": cfg.n_experts,
+            "num_experts_per_tok": cfg.n_experts_per_tok, "router_aux_loss_coef": cfg.aux_loss_coef}
+
+
+def _qwen3_moe_read(hf):
+    """Dense layers are `mlp_only_layers`, and layers not on `decoder_sparse_step`; slmkit expresses
+    the first k layers dense (DeepSeek's first_k_dense), so other patterns are refused."""
+    n, step, dense = hf["num_hidden_layers"], hf.get("decoder_sparse_step", 1), sorted(hf.get("mlp_only_layers") or [])
+    if step != 1 or dense != list(range(len(dense))):
+        raise InputError(f"qwen3_moe with dense layers {dense} and decoder_sparse_step={step} is not supported "
+                         "(only the first k layers dense, decoder_sparse_step=1)")
+    if len(dense) >= n:
+        raise InputError("qwen3_moe with every layer in mlp_only_layers has no experts; import it as qwen3")
+    return {**_qwen3_read(hf), "moe_ffn_hidden": hf["moe_intermediate_size"], "n_experts": hf.get("num_local_experts") or hf["num_experts"],
+            "n_experts_per_tok": hf["num_experts_per_tok"], "norm_topk_prob": hf.get("norm_topk_prob", True),
+            "first_k_dense": len(dense), "aux_loss_coef": hf.get("router_aux_loss_coef", 0.0)}
+
+
+def _qwen3_moe_write(cfg):
+    return {**_qwen3_write(cfg), "moe_intermediate_size": cfg.moe_ffn_hidden, "num_local_experts": cfg.n_experts,
+            "num_experts_per_tok": cfg.n_experts_per_tok, "norm_topk_prob": cfg.norm_topk_prob, "decoder_sparse_step": 1,
+            "mlp_only_layers": list(range(cfg.first_k_dense)), "router_aux_loss_coef": cfg.aux_loss_coef}
+
+
+# DeepSeek-V3 config keys whose other values change the math; each is refused unless it has this value.
+_DEEPSEEK_ONLY = {"scoring_func": "sigmoid", "topk_method": "noaux_tc", "moe_layer_freq": 1, "attention_bias": False,
+                  "rope_interleave": False}
+
+
+def _deepseek_v3_read(hf):
+    for key, value in _DEEPSEEK_ONLY.items():
+        default = True if key == "rope_interleave" else value  # transformers interleaves RoPE unless told not to
+        if hf.get(key, default) != value:
+            raise InputError(f"deepseek_v3 with {key}={hf.get(key, default)!r} is not supported (only {value!r})")
+    if not hf.get("n_shared_experts"):
+        raise InputError("deepseek_v3 without shared experts (n_shared_experts=0) is not supported")
+    return {
+        **_decoder_read(hf),
+        "q_lora_rank": hf.get("q_lora_rank"), "kv_lora_rank": hf["kv_lora_rank"], "qk_nope_head_dim": hf["qk_nope_head_dim"],
+        "qk_rope_head_dim": hf["qk_rope_head_dim"], "v_head_dim": hf["v_head_dim"],
+        "moe_ffn_hidden": hf["moe_intermediate_size"], "n_experts": hf["n_routed_experts"],
+        "n_experts_per_tok": hf["num_experts_per_tok"], "n_shared_experts": hf["n_shared_experts"],
+        "first_k_dense": hf.get("first_k_dense_replace", 0), "n_expert_groups": hf.get("n_group", 1),
+        "topk_groups": hf.get("topk_group", 1), "routed_scaling": hf.get("routed_scaling_factor", 1.0),
+        "norm_topk_prob": hf.get("norm_topk_prob", True),
+    }
+
+
+def _deepseek_v3_write(cfg):
+    """Multi-token prediction modules are not written: transformers' DeepSeek-V3 does not run them."""
+    return {
+        **_decoder_write(cfg), "num_key_value_heads": cfg.n_heads, "head_dim": cfg.qk_rope_head_dim,
+        "q_lora_rank": cfg.q_lora_rank, "kv_lora_rank": cfg.kv_lora_rank, "qk_nope_head_dim": cfg.qk_nope_head_dim,
+        "qk_rope_head_dim": cfg.qk_rope_head_dim, "v_head_dim": cfg.v_head_dim, "rope_interleave": False,
+        "moe_intermediate_size": cfg.moe_ffn_hidden, "n_routed_experts": cfg.n_experts,
+        "num_experts_per_tok": cfg.n_experts_per_tok, "n_shared_experts": cfg.n_shared_experts,
+        "first_k_dense_replace": cfg.first_k_dense, "n_group": cfg.n_expert_groups, "topk_group": cfg.topk_groups,
+        "routed_scaling_factor": cfg.routed_scaling, "norm_topk_prob": cfg.norm_topk_prob, "num_nextn_predict_layers": 0,
+    }
+
+
+def _deepseek_v3_check(cfg: ModelConfig) -> list[str]:
+    return [] if cfg.n_shared_experts else ["n_shared_experts=0 (needs >= 1)"]
+
+
 def _gpt2_read(hf):
     act = hf.get("activation_function", "gelu_new")
     acts = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
@@ -360,6 +457,15 @@ _SLIDING = ("sliding_window", "sliding_window_layers")
 _ATTN_BIAS = ("attn_bias", "attn_out_bias")
 
 
+# Routing every MoE family without DeepSeek's extras has: plain top-k over all experts, no shared
+# experts, no capacity limit, and no selection bias (so no auxiliary-loss-free balancing to train it).
+_ROUTED = {"ffn_kind": "moe", "n_shared_experts": 0, "routed_scaling": 1.0, "n_expert_groups": 1, "topk_groups": 1,
+           "capacity_factor": None, "router_bias_rate": 0.0}
+_ROUTER_BIAS = ("e_score_correction_bias",)
+# Keys that only matter in training (router logits returned, the aux loss weight, routing noise).
+_ROUTER_TRAINING_KEYS = ("output_router_logits", "router_aux_loss_coef", "router_jitter_noise", "aux_loss_alpha", "seq_aux")
+
+
 def _fixed(drop: tuple[str, ...] = (), **changes: Any) -> dict[str, Any]:
     """The Llama-shaped decoder's fixed fields, with some changed and some left to the HF config."""
     return {k: v for k, v in {**_DECODER_FIXED, **changes}.items() if k not in drop}
@@ -405,6 +511,26 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            _gemma2_read, _gemma2_write,
            _GEMMA_KEYS | {"sliding_window", "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping"},
            lambda cfg: _decoder_tensors(cfg, rename=_GEMMA2_NORMS), _same_attn_bias),
+    Family("mixtral", "MixtralForCausalLM", _fixed(drop=("sliding_window",), **_ROUTED, router_score="softmax", norm_topk_prob=True,
+                  first_k_dense=0),
+           _mixtral_read, _mixtral_write,
+           DECODER_KEYS | {"sliding_window", "num_local_experts", "num_experts_per_tok", *_ROUTER_TRAINING_KEYS},
+           _mixtral_tensors, zero=_ROUTER_BIAS),
+    Family("qwen3_moe", "Qwen3MoeForCausalLM", _fixed(drop=(*_SLIDING, *_ATTN_BIAS), qk_norm=True, **_ROUTED, router_score="softmax"),
+           _qwen3_moe_read, _qwen3_moe_write,
+           DECODER_KEYS | {"sliding_window", "attention_bias", "moe_intermediate_size", "num_local_experts", "num_experts",
+                           "num_experts_per_tok", "norm_topk_prob", "decoder_sparse_step", "mlp_only_layers",
+                           *_ROUTER_TRAINING_KEYS},
+           _decoder_tensors, _same_attn_bias, zero=_ROUTER_BIAS),
+    Family("deepseek_v3", "DeepseekV3ForCausalLM",
+           _fixed(attention_kind="mla", ffn_kind="moe", router_score="sigmoid", capacity_factor=None),
+           _deepseek_v3_read, _deepseek_v3_write,
+           DECODER_KEYS | set(_DEEPSEEK_ONLY) | {
+               "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "qk_head_dim",
+               "moe_intermediate_size", "n_routed_experts", "num_experts_per_tok", "n_shared_experts",
+               "first_k_dense_replace", "n_group", "topk_group", "routed_scaling_factor", "norm_topk_prob",
+               "num_nextn_predict_layers", *_ROUTER_TRAINING_KEYS},
+           lambda cfg: _decoder_tensors(cfg, router_bias=True), _deepseek_v3_check),
     Family("phi3", "Phi3ForCausalLM", _fixed(drop=_SLIDING), _phi3_read, _phi3_write,
            DECODER_KEYS | {"sliding_window"}, lambda cfg: _decoder_tensors(cfg, fuse=_PHI3_FUSED)),
 )}

@@ -47,6 +47,7 @@ def from_hf(
     tied = {"lm_head.weight"} if cfg.tie_embeddings else set()
     state = import_tensors(read_checkpoint(directory), family.tensors(cfg), shapes, ignore=tied)
     missing, _ = model.load_state_dict(state, strict=False)
+    missing = {name for name in missing if not name.endswith(family.zero)}  # buffers the family lacks stay zero
     if set(missing) - tied:  # a mapping that forgot a tensor would leave it randomly initialized
         raise InputError(f"the {family.name} mapping gives no value for {min(set(missing) - tied)}")
     model = model.to(DTYPES[dtype]).eval()
