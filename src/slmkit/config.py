@@ -224,7 +224,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                           q_lora_rank=128, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
                           ffn_hidden=512, n_experts=8, n_experts_per_tok=2, n_shared_experts=1, moe_ffn_hidden=128,
                           first_k_dense=1, n_expert_groups=2, topk_groups=1, routed_scaling=1.0,
-                          router_bias_rate=1e-3, aux_loss_coef=1e-4, mtp_depth=1),
+                          router_bias_rate=1e-2, aux_loss_coef=1e-4, mtp_depth=1),
     "mixtral-tiny": dict(_LLAMA, vocab_size=4096, context_length=256, d_model=256, n_layers=4, n_heads=4, n_kv_heads=2,
                          ffn_hidden=384, ffn_kind="moe", n_experts=8, n_experts_per_tok=2, aux_loss_coef=0.01),
     "qwen3-moe-tiny": dict(_LLAMA, vocab_size=4096, context_length=256, d_model=256, n_layers=4, n_heads=4, n_kv_heads=2,
