@@ -234,8 +234,8 @@ def _adapter(tmp_path, name, model, rank, targets, seed):
     return path, tensors
 
 
-def _merged(tensors, scale, seed=0):
-    model = tiny(seed)
+def _merged(tensors, scale, seed=0, **overrides):
+    model = tiny(seed, **overrides)
     modules = dict(model.named_modules())
     with torch.no_grad():
         for key, a in tensors.items():
@@ -256,6 +256,19 @@ def test_one_batch_mixes_adapters_and_the_base(tmp_path):
     outs = engine.generate([Request(p, max_tokens=10, stop_tokens=[], adapter=a) for p, a in zip(ps, [None, "first", "second"])])
     assert [o[0] for o in outs] == expected
     assert len(set(map(tuple, expected))) == 3  # the adapters change the output
+
+
+def test_mtp_drafter_with_adapters_in_the_batch(tmp_path):
+    """Adapters may also cover the MTP block; a mixed batch still decodes exactly like each model alone."""
+    base = tiny(mtp_depth=1)
+    path, tensors = _adapter(tmp_path, "domain", base, 4, ["layers.0.self_attn.q_proj", "mtp.layers.0.block.self_attn.q_proj"], 1)
+    merged = _merged(tensors, 2.0, mtp_depth=1)
+    ps = prompts([5, 8, 13])
+    engine = Engine(base, block_size=4, adapters={"domain": path}, drafter=MTPDrafter(base), num_draft=1)
+    outs = engine.generate([Request(p, max_tokens=10, stop_tokens=[], adapter=a) for p, a in zip(ps, [None, "domain", None])])
+    assert [o[0] for o in outs] == [reference(tiny(mtp_depth=1), ps[:1], 10)[0], reference(merged, ps[1:2], 10)[0],
+                                    reference(tiny(mtp_depth=1), ps[2:], 10)[0]]
+    assert engine.drafted > 0
 
 
 @pytest.mark.parametrize("request_kw, message", [

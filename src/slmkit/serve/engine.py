@@ -231,6 +231,8 @@ class Engine:
         request = seq.request
         if not self._speculates(seq):
             return []
+        if self.lora is not None:  # drafters may share modules with the model: they draft with the base weights
+            self.lora.rows = None
         k = min(self.num_draft, request.max_tokens - seq.num_output - 1, self.context - len(seq.tokens))
         return self.drafter.propose(seq.id, seq.tokens, k) if k > 0 else []
 
