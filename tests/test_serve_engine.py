@@ -158,6 +158,12 @@ def test_mtp_drafter_survives_preemption_and_skips_sampled_requests():
     assert sampled.drafted == 0
 
 
+def test_latent_attention_models_are_refused_clearly():
+    mla = {"attention_kind": "mla", "kv_lora_rank": 12, "qk_nope_head_dim": 8, "qk_rope_head_dim": 4, "v_head_dim": 6}
+    with pytest.raises(InputError, match="attention_kind='mla' models cannot be served"):
+        Engine(tiny(mtp_depth=1, **mla))
+
+
 def test_mtp_drafter_refuses_a_model_without_mtp_modules():
     with pytest.raises(InputError, match="needs a model that has them"):
         MTPDrafter(tiny())

@@ -115,8 +115,11 @@ class Engine:
         num_draft: int = 4,
         adapters: dict[str, Any] | None = None,
     ) -> None:
-        self.model, self.tokenizer = model.eval(), tokenizer
         cfg = model.cfg
+        if cfg.attention_kind != "mha":
+            raise InputError(f"the serving engine's paged KV cache holds per-head keys and values; "
+                             f"attention_kind={cfg.attention_kind!r} models cannot be served yet")
+        self.model, self.tokenizer = model.eval(), tokenizer
         self.context = cfg.context_length
         per_seq = -(-cfg.context_length // block_size)
         num_blocks = num_blocks or max_seqs * per_seq
