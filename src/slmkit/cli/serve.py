@@ -67,7 +67,7 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
                    help="speculative decoding with the model's own first N layers as the draft (early exit)")
     p.add_argument("--draft-mtp", action="store_true",
                    help="speculative decoding with the model's own multi-token-prediction modules (models with "
-                        "mtp_depth >= 1, e.g. deepseek-tiny; drafts at most mtp_depth tokens per step)")
+                        "mtp_depth >= 1; drafts at most mtp_depth tokens per step)")
     p.add_argument("--num-draft", metavar="K", type=int, default=4, help="tokens drafted per step (default: 4)")
     p.set_defaults(handler=cmd_serve)
 
