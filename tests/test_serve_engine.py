@@ -13,7 +13,8 @@ from slmkit.generation.sampling import SamplingParams
 from slmkit.model.transformer import Transformer
 from slmkit.serve.engine import Engine, Request
 from slmkit.serve.kv_pages import BlockManager
-from slmkit.serve.speculative import DraftModel
+from slmkit.serve.speculative import DraftModel, MTPDrafter
+from slmkit.train.objectives.lm import LanguageModeling
 
 # init_std 0.3 spreads the logits of a random model, so greedy choices are not near-ties
 TINY = {"vocab_size": 128, "context_length": 64, "d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "head_dim": 8,
@@ -130,6 +131,70 @@ def test_speculative_greedy_equals_plain_greedy():
     assert same.acceptance_rate == 1.0  # the model drafting for itself is always right
 
 
+@pytest.mark.parametrize("prefix_caching", [True, False])
+def test_mtp_drafter_batched_greedy_equals_plain_greedy(prefix_caching):
+    model = tiny(mtp_depth=2)
+    system = prompts([12], seed=9)[0]  # shared by two prompts: a cache hit leaves the drafter a partial history
+    ps = prompts(LENGTHS) + [system + [5, 6], system + [7]]
+    drafter = MTPDrafter(model)
+    engine = Engine(model, block_size=4, max_batch_tokens=24, max_seqs=10, drafter=drafter, num_draft=3,
+                    prefix_caching=prefix_caching)
+    assert run(engine, ps) == reference(model, ps, 12)
+    assert engine.drafted > 0 and 0.0 <= engine.acceptance_rate <= 1.0
+    assert engine.blocks.num_free == engine.blocks.num_blocks
+    assert drafter.hidden == {}  # every finished sequence was forgotten
+
+
+def test_mtp_drafter_survives_preemption_and_skips_sampled_requests():
+    model = tiny(mtp_depth=1)
+    ps = prompts(LENGTHS)
+    engine = Engine(model, block_size=4, num_blocks=12, max_batch_tokens=16, max_seqs=8, drafter=MTPDrafter(model))
+    assert run(engine, ps) == reference(model, ps, 12)
+    assert engine.preemptions > 0 and engine.drafted > 0
+    assert engine.blocks.num_free == 12
+    sampled = Engine(model, block_size=4, drafter=MTPDrafter(model))
+    params = SamplingParams(repetition_penalty=1.5)
+    assert run(sampled, ps[:2], params=params) == [generate_ids(model, [p], 12, params)[0] for p in ps[:2]]
+    assert sampled.drafted == 0
+
+
+def test_latent_attention_models_are_refused_clearly():
+    mla = {"attention_kind": "mla", "kv_lora_rank": 12, "qk_nope_head_dim": 8, "qk_rope_head_dim": 4, "v_head_dim": 6}
+    with pytest.raises(InputError, match="attention_kind='mla' models cannot be served"):
+        Engine(tiny(mtp_depth=1, **mla))
+
+
+def test_mtp_drafter_refuses_a_model_without_mtp_modules():
+    with pytest.raises(InputError, match="needs a model that has them"):
+        MTPDrafter(tiny())
+
+
+def test_mtp_drafts_of_a_trained_model_are_mostly_accepted():
+    """A model whose MTP modules learned a repeating sequence drafts it: most drafts are kept and
+    the engine needs fewer steps than it emits tokens."""
+    model = tiny(init_std=0.02, mtp_depth=2, mtp_loss_weight=1.0).train()
+    pattern = torch.arange(7).repeat(7)[None, :48]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    objective = LanguageModeling()
+    for _ in range(60):
+        loss = objective.loss(model(pattern[:, :-1]), pattern[:, 1:])
+        (loss + objective.extra_loss(model, pattern[:, 1:])).backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    ps = [[0, 1, 2], [3, 4, 5, 6, 0], [5, 6]]
+    engine = Engine(model, block_size=4, drafter=MTPDrafter(model), num_draft=2)
+    ids = [engine.submit(Request(p, max_tokens=30, stop_tokens=[])) for p in ps]
+    outputs, steps = {i: [] for i in ids}, 0
+    while engine.has_work():
+        steps += 1
+        for out in engine.step():
+            outputs[out.request_id] += out.token_ids
+    assert [outputs[i] for i in ids] == reference(model, ps, 30)
+    assert engine.acceptance_rate > 0.5
+    assert steps < 30
+
+
 def test_seeded_sampling_is_reproducible_and_n_gives_independent_draws():
     engine = Engine(tiny(), block_size=4)
     request = {"prompt": prompts([5])[0], "max_tokens": 10, "params": SamplingParams(temperature=1.0, top_k=20, top_p=0.9),
@@ -175,8 +240,8 @@ def _adapter(tmp_path, name, model, rank, targets, seed):
     return path, tensors
 
 
-def _merged(tensors, scale, seed=0):
-    model = tiny(seed)
+def _merged(tensors, scale, seed=0, **overrides):
+    model = tiny(seed, **overrides)
     modules = dict(model.named_modules())
     with torch.no_grad():
         for key, a in tensors.items():
@@ -197,6 +262,19 @@ def test_one_batch_mixes_adapters_and_the_base(tmp_path):
     outs = engine.generate([Request(p, max_tokens=10, stop_tokens=[], adapter=a) for p, a in zip(ps, [None, "first", "second"])])
     assert [o[0] for o in outs] == expected
     assert len(set(map(tuple, expected))) == 3  # the adapters change the output
+
+
+def test_mtp_drafter_with_adapters_in_the_batch(tmp_path):
+    """Adapters may also cover the MTP block; a mixed batch still decodes exactly like each model alone."""
+    base = tiny(mtp_depth=1)
+    path, tensors = _adapter(tmp_path, "domain", base, 4, ["layers.0.self_attn.q_proj", "mtp.layers.0.block.self_attn.q_proj"], 1)
+    merged = _merged(tensors, 2.0, mtp_depth=1)
+    ps = prompts([5, 8, 13])
+    engine = Engine(base, block_size=4, adapters={"domain": path}, drafter=MTPDrafter(base), num_draft=1)
+    outs = engine.generate([Request(p, max_tokens=10, stop_tokens=[], adapter=a) for p, a in zip(ps, [None, "domain", None])])
+    assert [o[0] for o in outs] == [reference(tiny(mtp_depth=1), ps[:1], 10)[0], reference(merged, ps[1:2], 10)[0],
+                                    reference(tiny(mtp_depth=1), ps[2:], 10)[0]]
+    assert engine.drafted > 0
 
 
 @pytest.mark.parametrize("request_kw, message", [

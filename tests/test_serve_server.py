@@ -21,6 +21,7 @@ pytest.importorskip("fastapi")
 
 import slmkit
 from slmkit.config import ModelConfig
+from slmkit.errors import InputError
 from slmkit.generation.api import encode_prompt, generate_ids
 from slmkit.model import Transformer
 from slmkit.model.io import save_model_dir
@@ -362,3 +363,12 @@ def test_bench_serve_reports_an_unreachable_server():
     from slmkit.cli import main
 
     assert main(["bench", "serve", "--url", "http://127.0.0.1:9", "--requests", "1"]) == 2
+
+
+def test_mtp_drafting_is_refused_for_a_model_without_mtp_modules(model_dir, capsys):
+    from slmkit.cli import main
+
+    with pytest.raises(InputError, match="choose one drafter"):
+        build_app(model_dir, draft_mtp=True, draft_layers=1)
+    assert main(["serve", str(model_dir), "--draft-mtp"]) == 2
+    assert "needs a model that has them (mtp_depth >= 1)" in capsys.readouterr().err

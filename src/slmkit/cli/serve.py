@@ -24,7 +24,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     serve(args.model, args.host, args.port, api_key=args.api_key, adapters=_adapters(args.adapter),
           max_batch_tokens=args.max_batch_tokens, max_seqs=args.max_seqs, max_queue=args.max_queue,
           kv_blocks=args.kv_blocks, block_size=args.block_size, prefix_caching=not args.no_prefix_caching,
-          draft_model=args.draft_model, draft_layers=args.draft_layers, num_draft=args.num_draft,
+          draft_model=args.draft_model, draft_layers=args.draft_layers, draft_mtp=args.draft_mtp, num_draft=args.num_draft,
           model_name=args.model_name)
 
 
@@ -65,6 +65,9 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
     p.add_argument("--draft-model", metavar="DIR", help="speculative decoding with this smaller model (same tokenizer)")
     p.add_argument("--draft-layers", metavar="N", type=int,
                    help="speculative decoding with the model's own first N layers as the draft (early exit)")
+    p.add_argument("--draft-mtp", action="store_true",
+                   help="speculative decoding with the model's own multi-token-prediction modules (models with "
+                        "mtp_depth >= 1; drafts at most mtp_depth tokens per step)")
     p.add_argument("--num-draft", metavar="K", type=int, default=4, help="tokens drafted per step (default: 4)")
     p.set_defaults(handler=cmd_serve)
 

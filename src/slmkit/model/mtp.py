@@ -106,7 +106,7 @@ def speculative_greedy(
         if len(result.tokens) >= budget:
             return result
         room = min(cfg.mtp_depth, budget - len(result.tokens), cfg.context_length - cache.length - 1)
-        drafts = _draft(model, hidden, sequence, room)
+        drafts = draft_tokens(model, hidden, sequence, room)
         fed = torch.tensor([[next_token, *drafts]], device=device)
         logits = model(fed, cache=cache)
         result.forward_passes += 1
@@ -128,8 +128,10 @@ def speculative_greedy(
         next_token = greedy[n_ok]
 
 
-def _draft(model: nn.Module, hidden: torch.Tensor, sequence: list[int], n: int) -> list[int]:
-    """Up to n draft tokens: depth k reads the last row of depth k-1 and the newest token."""
+def draft_tokens(model: nn.Module, hidden: torch.Tensor, sequence: Sequence[int], n: int) -> list[int]:
+    """Up to n draft tokens after `sequence`: depth k reads the last row of depth k-1 and the newest
+    token. hidden [1, R, d] holds h^0 of sequence[:R] with R = len(sequence) - 1; a suffix of the
+    sequence with its hidden rows works too (RoPE attention depends only on relative positions)."""
     device = hidden.device
     drafts: list[int] = []
     tokens = torch.tensor([sequence[1:]], device=device)  # tokens at positions 1 .. len-1

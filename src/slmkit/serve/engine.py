@@ -35,7 +35,7 @@ from slmkit.generation.text import TextStream
 from slmkit.model.transformer import Transformer
 from slmkit.serve.kv_pages import BlockManager, KVPool, PagedBatch, block_hash
 from slmkit.serve.lora import MultiLoRA
-from slmkit.serve.speculative import Drafter
+from slmkit.serve.speculative import Drafter, HiddenStateDrafter
 from slmkit.tokenizer import Tokenizer
 
 
@@ -98,7 +98,8 @@ class SequenceState:
 
 class Engine:
     """Continuous-batching generation for one model. `num_blocks` defaults to room for
-    `max_seqs` full-context sequences; `drafter` turns on speculative decoding of greedy requests."""
+    `max_seqs` full-context sequences; `drafter` turns on speculative decoding of greedy requests
+    (`DraftModel`, or `MTPDrafter` for a model with multi-token-prediction modules)."""
 
     def __init__(
         self,
@@ -114,8 +115,11 @@ class Engine:
         num_draft: int = 4,
         adapters: dict[str, Any] | None = None,
     ) -> None:
-        self.model, self.tokenizer = model.eval(), tokenizer
         cfg = model.cfg
+        if cfg.attention_kind != "mha":
+            raise InputError(f"the serving engine's paged KV cache holds per-head keys and values; "
+                             f"attention_kind={cfg.attention_kind!r} models cannot be served yet")
+        self.model, self.tokenizer = model.eval(), tokenizer
         self.context = cfg.context_length
         per_seq = -(-cfg.context_length // block_size)
         num_blocks = num_blocks or max_seqs * per_seq
@@ -221,10 +225,17 @@ class Engine:
         if self.drafter is not None:
             self.drafter.forget(seq.id)
 
+    def _speculates(self, seq: SequenceState) -> bool:
+        """Speculative decoding applies to greedy requests without penalties or logprobs."""
+        params = seq.request.params
+        return self.drafter is not None and params.greedy and not params.needs_history and not seq.request.logprobs
+
     def _drafts(self, seq: SequenceState) -> list[int]:
         request = seq.request
-        if self.drafter is None or not (request.params.greedy and not request.params.needs_history) or request.logprobs:
+        if not self._speculates(seq):
             return []
+        if self.lora is not None:  # drafters may share modules with the model: they draft with the base weights
+            self.lora.rows = None
         k = min(self.num_draft, request.max_tokens - seq.num_output - 1, self.context - len(seq.tokens))
         return self.drafter.propose(seq.id, seq.tokens, k) if k > 0 else []
 
@@ -286,6 +297,10 @@ class Engine:
         if self.lora is not None:
             self.lora.select([s.request.adapter for s, _, _ in scheduled])
         hidden = self.model(ids.to(device), cache=batch, return_hidden=True, positions=batch.positions)
+        if isinstance(self.drafter, HiddenStateDrafter):  # before verification, which may end a sequence
+            for row, ((seq, _, _), feed) in enumerate(zip(scheduled, feeds)):
+                if self._speculates(seq):
+                    self.drafter.observe(seq.id, seq.num_computed, self.model.mtp_hidden[row, : len(feed)])
 
         # logits only where a token is chosen: the last fed token, and every draft position
         picks: list[tuple[int, int]] = []  # (row, column)

@@ -28,6 +28,7 @@ def build_app(
     prefix_caching: bool = True,
     draft_model: str | os.PathLike | None = None,
     draft_layers: int | None = None,
+    draft_mtp: bool = False,
     num_draft: int = 4,
     model_name: str | None = None,
     device: str = "cpu",
@@ -35,18 +36,18 @@ def build_app(
     """The FastAPI app for a model directory. Adapters under MODEL_DIR/adapters/ are served by
     their directory names, plus `adapters` {name: path}. Speculative decoding drafts with
     `draft_model` (a smaller model directory with the same tokenizer) or with the model's own
-    first `draft_layers` layers."""
+    first `draft_layers` layers or, with `draft_mtp`, its own multi-token-prediction modules."""
     from slmkit.model.io import generation_defaults, load, load_model
     from slmkit.serve.app import create_app
     from slmkit.serve.chat_template import ChatTemplate
     from slmkit.serve.engine import Engine
-    from slmkit.serve.speculative import DraftModel, early_exit_draft
+    from slmkit.serve.speculative import DraftModel, MTPDrafter, early_exit_draft
 
     model, tokenizer = load(model_dir, device)
     found = {p.name: str(p) for p in sorted((Path(model_dir) / "adapters").glob("*")) if p.is_dir()}
     adapters = {**found, **(adapters or {})}
-    if draft_model is not None and draft_layers is not None:
-        raise InputError("choose one drafter: a draft model directory or a number of early-exit layers")
+    if (draft_model is not None) + (draft_layers is not None) + draft_mtp > 1:
+        raise InputError("choose one drafter: a draft model directory, a number of early-exit layers or the MTP modules")
     drafter = None
     if draft_model is not None:
         draft = load_model(draft_model, device)
@@ -56,6 +57,8 @@ def build_app(
         drafter = DraftModel(draft)
     elif draft_layers is not None:
         drafter = DraftModel(early_exit_draft(model, draft_layers))
+    elif draft_mtp:
+        drafter = MTPDrafter(model)
     engine = Engine(model, tokenizer, num_blocks=kv_blocks, block_size=block_size, max_batch_tokens=max_batch_tokens,
                     max_seqs=max_seqs, prefix_caching=prefix_caching, drafter=drafter, num_draft=num_draft,
                     adapters=adapters or None)

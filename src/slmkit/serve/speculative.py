@@ -6,17 +6,20 @@ adds the target's own token there. Output is therefore exactly what greedy decod
 speed-up depends on how often the drafts are accepted.
 
 Any object with `propose` and `forget` is a drafter. `DraftModel` runs a smaller model with the
-same tokenizer; a model's own multi-token-prediction heads fit the same interface.
+same tokenizer. `MTPDrafter` runs the model's own multi-token-prediction modules, which read the
+main model's hidden states: a drafter that also has `observe` is handed them from every forward
+pass of the engine.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import torch
 
 from slmkit.errors import InputError
 from slmkit.model.attention import KVCache
+from slmkit.model.mtp import draft_tokens
 from slmkit.model.transformer import Transformer
 
 
@@ -26,6 +29,14 @@ class Drafter(Protocol):
 
     def forget(self, seq_id: int) -> None:
         """The sequence has finished or was preempted: drop what is kept for it."""
+
+
+@runtime_checkable
+class HiddenStateDrafter(Drafter, Protocol):
+    def observe(self, seq_id: int, start: int, hidden: torch.Tensor) -> None:
+        """The main model's last hidden states before its final norm, [T, d], of the tokens at
+        positions start .. start + T - 1 of the sequence, from the pass that computed them. Rows
+        past the sequence's eventual length (rejected drafts) are replaced by later calls."""
 
 
 class DraftModel:
@@ -62,6 +73,36 @@ class DraftModel:
 
     def forget(self, seq_id: int) -> None:
         self.caches.pop(seq_id, None)
+
+
+class MTPDrafter:
+    """Drafts with the model's own multi-token-prediction modules: up to `mtp_depth` tokens per
+    step, at the cost of the MTP blocks alone. Keeps each sequence's hidden states from the
+    engine's passes; after a prefix-cache hit the history starts at the first computed token."""
+
+    def __init__(self, model: Transformer) -> None:
+        if model.mtp is None:
+            raise InputError("drafting with MTP modules needs a model that has them (mtp_depth >= 1); "
+                             "this model has none: use a draft model or early-exit layers instead")
+        self.model = model
+        self.hidden: dict[int, tuple[int, torch.Tensor]] = {}  # seq -> (position of row 0, rows [n, d])
+
+    def observe(self, seq_id: int, start: int, hidden: torch.Tensor) -> None:
+        offset, rows = self.hidden.get(seq_id, (start, hidden[:0]))
+        if not offset <= start <= offset + len(rows):  # not contiguous with what is kept: start afresh
+            offset, rows = start, hidden[:0]
+        self.hidden[seq_id] = (offset, torch.cat([rows[: start - offset], hidden]))
+
+    @torch.inference_mode()
+    def propose(self, seq_id: int, tokens: list[int], k: int) -> list[int]:
+        offset, rows = self.hidden.get(seq_id, (0, None))
+        known = len(tokens) - 1 - offset  # every token but the newest has its hidden state
+        if rows is None or known < 1 or len(rows) < known:
+            return []
+        return draft_tokens(self.model, rows[None, :known], tokens[offset:], min(k, len(self.model.mtp.layers)))
+
+    def forget(self, seq_id: int) -> None:
+        self.hidden.pop(seq_id, None)
 
 
 def early_exit_draft(model: Transformer, n_layers: int) -> Transformer:
