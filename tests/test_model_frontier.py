@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from train_helpers import train_on_a_cycle
 
 from slmkit.config import ModelConfig
 from slmkit.errors import InputError
@@ -219,16 +220,7 @@ def test_self_speculative_decoding_equals_greedy(variant: dict) -> None:
 def test_speculative_decoding_accepts_drafts_of_a_model_that_predicts_them() -> None:
     """A model trained on a repeating sequence drafts the right tokens: acceptance near 1, fewer passes."""
     torch.manual_seed(0)
-    model = Transformer(ModelConfig(**{**SMALL, "init_std": 0.02, "mtp_depth": 2, "mtp_loss_weight": 1.0}))
-    pattern = torch.arange(7).repeat(7)[None, :48]
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    objective = LanguageModeling()
-    for _ in range(60):
-        loss = objective.loss(model(pattern[:, :-1]), pattern[:, 1:])
-        (loss + objective.extra_loss(model, pattern[:, 1:])).backward()
-        opt.step()
-        opt.zero_grad()
-    model.eval()
+    model = train_on_a_cycle(Transformer(ModelConfig(**{**SMALL, "init_std": 0.02, "mtp_depth": 2, "mtp_loss_weight": 1.0})))
     result = speculative_greedy(model, [0, 1, 2], max_new_tokens=30)
     assert result.tokens == [int(t) for t in sample(model, [[0, 1, 2]], SamplingParams(temperature=0.0), 30)]
     assert result.acceptance_rate >= 0.8

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors.torch import save_file
+from train_helpers import train_on_a_cycle
 
 from slmkit.config import ModelConfig
 from slmkit.errors import InputError
@@ -14,7 +15,6 @@ from slmkit.model.transformer import Transformer
 from slmkit.serve.engine import Engine, Request
 from slmkit.serve.kv_pages import BlockManager
 from slmkit.serve.speculative import DraftModel, MTPDrafter
-from slmkit.train.objectives.lm import LanguageModeling
 
 # init_std 0.3 spreads the logits of a random model, so greedy choices are not near-ties
 TINY = {"vocab_size": 128, "context_length": 64, "d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "head_dim": 8,
@@ -172,16 +172,7 @@ def test_mtp_drafter_refuses_a_model_without_mtp_modules():
 def test_mtp_drafts_of_a_trained_model_are_mostly_accepted():
     """A model whose MTP modules learned a repeating sequence drafts it: most drafts are kept and
     the engine needs fewer steps than it emits tokens."""
-    model = tiny(init_std=0.02, mtp_depth=2, mtp_loss_weight=1.0).train()
-    pattern = torch.arange(7).repeat(7)[None, :48]
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    objective = LanguageModeling()
-    for _ in range(60):
-        loss = objective.loss(model(pattern[:, :-1]), pattern[:, 1:])
-        (loss + objective.extra_loss(model, pattern[:, 1:])).backward()
-        opt.step()
-        opt.zero_grad()
-    model.eval()
+    model = train_on_a_cycle(tiny(init_std=0.02, mtp_depth=2, mtp_loss_weight=1.0))
     ps = [[0, 1, 2], [3, 4, 5, 6, 0], [5, 6]]
     engine = Engine(model, block_size=4, drafter=MTPDrafter(model), num_draft=2)
     ids = [engine.submit(Request(p, max_tokens=30, stop_tokens=[])) for p in ps]

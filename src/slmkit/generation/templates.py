@@ -21,6 +21,7 @@ from typing import Any
 from slmkit.errors import InputError, TokenizerError
 from slmkit.tokenizer import Tokenizer
 from slmkit.tokenizer.chat_template import render_chat_template
+from slmkit.tokenizer.hf_format import chat_template_of
 
 TEMPLATES = ("alpaca", "chatml", "model")
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
@@ -123,10 +124,7 @@ class ModelTemplate(Template):
         super().__init__(tokenizer)
         path = Path(model_dir) / "tokenizer_config.json"
         config = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-        source = tokenizer.chat_template or config.get("chat_template")
-        if isinstance(source, list):  # named templates: take the default one
-            source = next((t["template"] for t in source if t.get("name") == "default"), None)
-        self.source = source
+        self.source = tokenizer.chat_template or chat_template_of(Path(model_dir))
         if not self.source:
             raise InputError(f"{model_dir} has no chat template (no chat_template in tokenizer_config.json); "
                              "use --template alpaca or chatml")

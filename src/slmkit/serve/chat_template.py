@@ -15,6 +15,7 @@ from slmkit.errors import InputError, TokenizerError
 from slmkit.generation.chat import IM_END, IM_START
 from slmkit.tokenizer import Tokenizer
 from slmkit.tokenizer.chat_template import render_chat_template
+from slmkit.tokenizer.hf_format import chat_template_of
 
 CHATML = (
     "{% for message in messages %}"
@@ -41,9 +42,7 @@ class ChatTemplate:
         """The model's template, else ChatML when the tokenizer can spell it, else None."""
         path = Path(directory) / "tokenizer_config.json"
         config = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-        source = tokenizer.chat_template or config.get("chat_template")
-        if isinstance(source, list):  # several named templates: the default one
-            source = next((t["template"] for t in source if t.get("name") == "default"), None)
+        source = tokenizer.chat_template or chat_template_of(Path(directory))
         if source:
             return cls(source, tokenizer, config)
         if IM_START in tokenizer.special_tokens and IM_END in tokenizer.special_tokens:
