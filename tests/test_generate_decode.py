@@ -54,7 +54,7 @@ class Scripted(Transformer):
         super().__init__(ModelConfig(vocab_size=vocab_size, d_model=8, n_layers=1, n_heads=1, context_length=64))
         self.script, self.prompt_len = script, prompt_len
 
-    def forward(self, input_ids, attention_mask=None, cache=None, return_hidden=False):
+    def forward(self, input_ids, attention_mask=None, cache=None, return_hidden=False, logits_to_keep=0):
         b, t = input_ids.shape
         cache.advance(t)
         logits = torch.zeros(b, t, self.cfg.vocab_size)

@@ -316,3 +316,55 @@ def test_replace_derives_sizes_again_unless_they_were_set():
     assert base.replace(n_heads=8, n_kv_heads=None).n_kv_heads == 8
     explicit = ModelConfig.from_preset("llama-1b")  # ffn_hidden 8192 set by the preset
     assert explicit.replace(d_model=1024, n_heads=16, n_kv_heads=4).ffn_hidden == 8192
+
+
+# ---------------------------------------------------------------------------- decoding
+def test_logits_to_keep_returns_the_last_positions() -> None:
+    model = build(small_config())
+    x = ids(2, 10)
+    full = model(x)
+    assert model(x, logits_to_keep=1).shape == (2, 1, 97)
+    assert max_diff(model(x, logits_to_keep=1), full[:, -1:]) <= TOL  # a 1-row product may sum in another order
+    assert max_diff(model(x, logits_to_keep=3), full[:, -3:]) <= TOL
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_decoding_layout_keeps_values_and_round_trips(tmp_path, tied: bool) -> None:
+    model = build(small_config(tie_embeddings=tied))
+    head = model.lm_head.weight
+    before, x = head.detach().clone(), ids(2, 10)
+    logits = model(x)
+    model.use_decoding_layout()
+    assert model.lm_head.weight is head and not head.is_contiguous() and head.t().is_contiguous()
+    assert torch.equal(head, before)
+    assert (model.embed_tokens.weight is head) == tied
+    assert max_diff(model(x), logits) <= TOL
+    save_model_dir(model, tmp_path / "m")  # saving puts the standard layout back
+    assert head.is_contiguous() and torch.equal(load_model(tmp_path / "m").lm_head.weight, before)
+
+
+def test_decoding_layout_still_trains() -> None:
+    model = build(small_config())
+    model.use_decoding_layout()
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    x = ids(2, 10)
+    losses = []
+    for _ in range(5):
+        loss = torch.nn.functional.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
+def test_decoding_layout_is_done_once_and_only_where_it_helps() -> None:
+    wide = build(small_config(vocab_size=16, d_model=32))  # vocab smaller than d: left as it is
+    wide.use_decoding_layout()
+    assert wide.lm_head.weight.is_contiguous()
+    model = build(small_config())
+    model.use_decoding_layout()
+    storage = model.lm_head.weight.data_ptr()
+    model.use_decoding_layout()
+    assert model.lm_head.weight.data_ptr() == storage

@@ -151,7 +151,7 @@ def encode_tensor(gguf, name: str, w: torch.Tensor, kind: GGUFType) -> tuple[np.
     """A tensor in the file's type. Norms and biases stay f32 (as llama.cpp's converter keeps
     them); in q4_0 files the embeddings and output stay q8_0, as llama-quantize keeps them at
     higher precision; rows whose length is not a multiple of the block fall back to f16."""
-    data = w.detach().float().cpu().numpy()
+    data = np.ascontiguousarray(w.detach().float().cpu().numpy())
     Q = gguf.GGMLQuantizationType
     if data.ndim == 1 or kind == "f32" or name == "position_embd.weight" and kind != "f16":
         return data, Q.F32

@@ -23,6 +23,13 @@ def model_device(model: Transformer) -> torch.device:
     return device if isinstance(device, torch.device) else model.embed_tokens.weight.device
 
 
+def prepare_for_decoding(model: Transformer) -> None:
+    """Lay the weights out for one-row products (`Transformer.use_decoding_layout`);
+    models that run outside PyTorch have nothing to do."""
+    if isinstance(model, Transformer):
+        model.use_decoding_layout()
+
+
 def check_prompt(model: Transformer, prompt: Sequence[int]) -> None:
     context = model.cfg.context_length
     if not prompt:
@@ -81,8 +88,9 @@ def sample(
             seen[row, list(prompt)] = True
         counts = torch.zeros(batch, vocab, dtype=torch.long, device=device)
 
+    prepare_for_decoding(model)
     cache = model.new_cache(batch, max_len=min(model.cfg.context_length, ids.shape[1] + steps))
-    logits = model(ids, attention_mask=mask, cache=cache)[:, -1]
+    logits = model(ids, attention_mask=mask, cache=cache, logits_to_keep=1)[:, -1]
     for step in range(steps):
         if params.needs_history:
             logits = apply_penalties(logits.float(), seen, counts, params)
@@ -128,8 +136,9 @@ def beam_search(
     device = model_device(model)
     stops = set(stop_tokens)
     ids = torch.tensor([list(prompt)], dtype=torch.long, device=device)
+    prepare_for_decoding(model)
     cache = model.new_cache(1, max_len=min(model.cfg.context_length, len(prompt) + steps))
-    logits = model(ids, cache=cache)[:, -1]
+    logits = model(ids, cache=cache, logits_to_keep=1)[:, -1]
     beams: list[list[int]] = [[]]
     scores = torch.zeros(1, device=device)
     finished: list[tuple[float, list[int]]] = []

@@ -81,8 +81,9 @@ class OrtModel:
         return OrtCache([self._ort.OrtValue.ortvalue_from_numpy(empty) for _ in self.past_names])
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 cache: OrtCache | None = None) -> torch.Tensor:
-        """input_ids [B, T] -> logits [B, T, vocab]; with a cache, only the new tokens are passed."""
+                 cache: OrtCache | None = None, logits_to_keep: int = 0) -> torch.Tensor:
+        """input_ids [B, T] -> logits [B, T, vocab] (the last `logits_to_keep` positions when > 0);
+        with a cache, only the new tokens are passed."""
         b, t = input_ids.shape
         cache = cache if cache is not None else self.new_cache(b)
         total = cache.length + t
@@ -101,7 +102,8 @@ class OrtModel:
         self.session.run_with_iobinding(binding)
         outputs = binding.get_outputs()
         cache.past, cache.length = outputs[1:], total
-        return torch.from_numpy(outputs[0].numpy())
+        logits = torch.from_numpy(outputs[0].numpy())
+        return logits[:, -logits_to_keep:] if logits_to_keep else logits
 
     def end_profiling(self) -> Path:
         """Stop profiling and return the path of ONNX Runtime's JSON trace."""

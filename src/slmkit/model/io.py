@@ -38,6 +38,7 @@ def save_model_dir(
     if quantization is not None:
         config["quantization"] = quantization
     write_json(directory / "config.json", config)
+    model.use_decoding_layout(False)  # safetensors writes contiguous tensors only
     save_safetensors(model, str(directory / WEIGHTS))
     if tokenizer is not None:
         tokenizer.save(directory)

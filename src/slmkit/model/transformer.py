@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from slmkit.config import ModelConfig
@@ -37,15 +38,22 @@ class Block(nn.Module):
         self.self_attn = ATTENTION_KINDS[cfg.attention_kind](cfg, layer)
         self.post_attention_layernorm = NORMS[cfg.norm](cfg.d_model, cfg)
         self.mlp = FEED_FORWARD[cfg.ffn_kind if layer >= cfg.first_k_dense else "dense"](cfg, layer)
-        self.dropout = nn.Dropout(cfg.dropout_resid)
+        self.dropout = cfg.dropout_resid
         self.sliding = cfg.sliding_window is not None and (cfg.sliding_window_layers is None or layer in cfg.sliding_window_layers)
-        # Gemma 2 also norms each sublayer's output ("sandwich" norms); elsewhere these do nothing
-        self.attn_output_norm = NORMS[cfg.norm](cfg.d_model, cfg) if cfg.output_norms else nn.Identity()
-        self.mlp_output_norm = NORMS[cfg.norm](cfg.d_model, cfg) if cfg.output_norms else nn.Identity()
+        if cfg.output_norms:  # Gemma 2 also norms each sublayer's output ("sandwich" norms)
+            self.attn_output_norm = NORMS[cfg.norm](cfg.d_model, cfg)
+            self.mlp_output_norm = NORMS[cfg.norm](cfg.d_model, cfg)
 
     def forward(self, x, rotation, mask, cache):
-        x = x + self.dropout(self.attn_output_norm(self.self_attn(self.input_layernorm(x), rotation, mask, cache)))
-        return x + self.dropout(self.mlp_output_norm(self.mlp(self.post_attention_layernorm(x))))
+        x = x + self.residual(self.self_attn(self.input_layernorm(x), rotation, mask, cache), "attn_output_norm")
+        return x + self.residual(self.mlp(self.post_attention_layernorm(x)), "mlp_output_norm")
+
+    def residual(self, y: torch.Tensor, output_norm: str) -> torch.Tensor:
+        """A sublayer's output on its way into the residual stream: normed (Gemma 2), dropped out
+        (training). Skipping what is off saves module calls that decoding pays per token."""
+        if output_norm in self._modules:
+            y = self._modules[output_norm](y)
+        return F.dropout(y, self.dropout) if self.training and self.dropout else y
 
 
 class Transformer(nn.Module):
@@ -86,8 +94,12 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         return_hidden: bool = False,
         positions: torch.Tensor | None = None,
+        logits_to_keep: int = 0,
     ) -> torch.Tensor:
         """input_ids [B, T] -> logits [B, T, vocab] (or final hidden states [B, T, d]).
+
+        `logits_to_keep` > 0 returns only the last that many positions: a prompt's prefill needs
+        the logits of its last token alone, and the output projection is the largest matmul.
 
         attention_mask [B, past + T] marks real tokens (1) and padding (0), for left-padded batches;
         with a `cache`, only the new tokens are passed and the cache supplies the past.
@@ -125,6 +137,8 @@ class Transformer(nn.Module):
             cache.advance(t)
         if self.mtp is not None:
             self.mtp_hidden = x
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
         x = self.norm(x)
         if return_hidden:
             return x
@@ -136,6 +150,27 @@ class Transformer(nn.Module):
         if self.cfg.logit_softcap:
             logits = self.cfg.logit_softcap * torch.tanh(logits / self.cfg.logit_softcap)
         return logits
+
+    def use_decoding_layout(self, on: bool = True) -> None:
+        """Store the output projection's weight column-major (its transpose contiguous), or back.
+
+        Decoding multiplies one row by the [vocab, d] matrix for every token. On CPU BLAS that
+        product streams the weight faster in the column-major layout (1.5-1.8x for a 50k
+        vocabulary, see BENCHMARKS.md), and for a large vocabulary it is the biggest single cost of
+        a token. The parameter, its shape and values stay the same, and training works in either
+        layout; a tied embedding shares it (its row lookups do not mind). The generation loops and
+        the serving engine switch it on; `save_model_dir` switches it off, because safetensors
+        writes contiguous tensors only. Do the same before handing the model to other code that
+        expects contiguous weights.
+        """
+        if type(self.lm_head) is not nn.Linear:  # adapters and quantized heads keep their own layout
+            return
+        weight = self.lm_head.weight
+        if on and (weight.device.type != "cpu" or weight.shape[0] <= weight.shape[1]):
+            return
+        if weight.is_contiguous() == on:
+            with torch.inference_mode(False), torch.no_grad():
+                weight.data = weight.data.t().contiguous().t() if on else weight.data.contiguous()
 
     def rotation_for(self, length: int, device: torch.device):
         """RoPE tables of positions 0..length-1 for one row (MTP modules run on plain prefixes)."""

@@ -120,6 +120,7 @@ class Engine:
             raise InputError(f"the serving engine's paged KV cache holds per-head keys and values; "
                              f"attention_kind={cfg.attention_kind!r} models cannot be served yet")
         self.model, self.tokenizer = model.eval(), tokenizer
+        model.use_decoding_layout()
         self.context = cfg.context_length
         per_seq = -(-cfg.context_length // block_size)
         num_blocks = num_blocks or max_seqs * per_seq
