@@ -359,12 +359,20 @@ def test_decoding_layout_still_trains() -> None:
     assert losses[-1] < losses[0]
 
 
-def test_decoding_layout_is_done_once_and_only_where_it_helps() -> None:
-    wide = build(small_config(vocab_size=16, d_model=32))  # vocab smaller than d: left as it is
-    wide.use_decoding_layout()
-    assert wide.lm_head.weight.is_contiguous()
-    model = build(small_config())
+def test_decoding_layout_is_done_once_and_only_for_widening_linears() -> None:
+    narrow = build(small_config(vocab_size=16, d_model=32, mlp="swiglu"))  # vocab smaller than d
+    narrow.use_decoding_layout()
+    assert narrow.lm_head.weight.is_contiguous()
+    model = build(small_config(mlp="swiglu"))
+    x = ids(1, 6)
+    logits = model(x)
     model.use_decoding_layout()
+    mlp, attn = model.layers[0].mlp, model.layers[0].self_attn
+    assert not mlp.gate_proj.weight.is_contiguous() and not mlp.up_proj.weight.is_contiguous()
+    assert mlp.down_proj.weight.is_contiguous() and attn.q_proj.weight.is_contiguous()  # not wider than tall
     storage = model.lm_head.weight.data_ptr()
     model.use_decoding_layout()
     assert model.lm_head.weight.data_ptr() == storage
+    assert max_diff(model(x), logits) <= TOL
+    model.use_decoding_layout(False)
+    assert all(p.is_contiguous() for p in model.parameters())
