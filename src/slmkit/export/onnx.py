@@ -40,6 +40,7 @@ from slmkit._io import atomic_dir, write_json
 from slmkit.errors import ExportError, InputError, MissingExtraError
 from slmkit.export.onnx_fused import (
     FUSED_INPUTS,
+    LM_HEAD_NODE,
     build_fused_decoder,
     unsupported_reason,
 )
@@ -188,7 +189,9 @@ def max_difference(model: Transformer, onnx_path: Path) -> float:
 
 def quantize_onnx(src: Path, dst: Path, method: Quantize, block_size: int = 32) -> None:
     """ONNX Runtime's own weight quantizers: dynamic int8 (int8 weights, activations quantized
-    per call) or 4-bit blockwise weights for the MatMulNBits kernel."""
+    per call) or 4-bit blockwise weights for the MatMulNBits kernel (int8 activations inside the
+    kernel, accuracy_level 4: the fast path on CPU). The fused graph's output projection stays fp32:
+    quantizing it costs more accuracy than any other MatMul."""
     import onnx
 
     root_level = logging.getLogger().level
@@ -201,10 +204,11 @@ def quantize_onnx(src: Path, dst: Path, method: Quantize, block_size: int = 32) 
     if method == "int8":
         # shape inference knows no types past com.microsoft ops (the fused graph's attention): they are float
         quantize_dynamic(src, dst, op_types_to_quantize=["MatMul"], per_channel=True, weight_type=QuantType.QInt8,
-                         use_external_data_format=large, extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+                         use_external_data_format=large, extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+                         nodes_to_exclude=[LM_HEAD_NODE])
     elif method == "int4":
         quantizer = MatMulNBitsQuantizer(onnx.load(str(src)), bits=4, block_size=block_size, is_symmetric=True,
-                                         accuracy_level=4)  # int8 activations inside the kernel: the fast path on CPU
+                                         accuracy_level=4, nodes_to_exclude=[LM_HEAD_NODE])
         quantizer.process()
         quantizer.model.save_model_to_file(str(dst), use_external_data_format=large)
     else:

@@ -17,11 +17,13 @@ and concatenates the whole cache; at small model sizes that overhead is most of 
 
     inputs   input_ids [batch, seq] int64, seqlens_k [batch] int32 (tokens in the cache after
              this call, minus 1), total_sequence_length [] int32 (the largest seqlens_k + 1),
+             query_seqlens [batch] int32 (real tokens of each row in input_ids, at its start),
              past_key_values.N.key / .value [batch, kv_heads, max_sequence_length, head_dim]
     outputs  logits [batch, seq, vocab], present.N.key / .value (the same buffers)
 
-Rows of a batch are right-aligned in the cache: row b holds its seqlens_k[b] + 1 tokens at
-positions 0.., which are also their RoPE positions; padding never enters the cache.
+Rows of a batch start at position 0 of the cache: row b holds its seqlens_k[b] + 1 tokens at
+positions 0.., which are also their RoPE positions; a row's padding comes after its
+query_seqlens[b] real tokens and never enters the cache.
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ from slmkit.model.layers import rope_frequencies
 from slmkit.model.transformer import Transformer
 
 DEFAULT_OPSET = 21
-FUSED_INPUTS = ("input_ids", "seqlens_k", "total_sequence_length")
+LM_HEAD_NODE = "lm_head"  # the quantizers leave it in fp32, as they do in the traced graph (no initializer there)
+FUSED_INPUTS = ("input_ids", "seqlens_k", "total_sequence_length", "query_seqlens")
 
 
 def unsupported_reason(cfg: ModelConfig) -> str | None:
@@ -81,14 +84,14 @@ def build_fused_decoder(model: Transformer, path: Path, opset: int | None = None
     cfg = model.cfg
     nodes, weights = [], []
 
-    def node(op: str, inputs: list[str], outputs: list[str], domain: str = "", **attrs) -> None:
-        nodes.append(helper.make_node(op, inputs, outputs, name=f"{op}_{len(nodes)}", domain=domain, **attrs))
+    def node(op: str, inputs: list[str], outputs: list[str], domain: str = "", name: str = "", **attrs) -> None:
+        nodes.append(helper.make_node(op, inputs, outputs, name=name or f"{outputs[0]}/{op}", domain=domain, **attrs))
 
-    def linear(x: str, out: str, *modules: torch.nn.Linear) -> None:
+    def linear(x: str, out: str, *modules: torch.nn.Linear, name: str = "") -> None:
         """x @ W^T of one Linear, or of several side by side (q, k and v in one MatMul)."""
-        name = f"{out}.weight"
-        weights.append(_weight(torch.cat([m.weight for m in modules]).T, name))
-        node("MatMul", [x, name], [out])
+        weight = f"{out}.weight"
+        weights.append(_weight(torch.cat([m.weight for m in modules]).T, weight))
+        node("MatMul", [x, weight], [out], name=name)
 
     def norm_weight(module, name: str) -> str:
         weights.append(_weight(module.weight, name))
@@ -109,7 +112,7 @@ def build_fused_decoder(model: Transformer, path: Path, opset: int | None = None
         linear(f"{p}.h", f"{p}.self_attn.qkv_proj", attn.q_proj, attn.k_proj, attn.v_proj)
         node("GroupQueryAttention",
              [f"{p}.self_attn.qkv_proj", "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value",
-              "seqlens_k", "total_sequence_length", "cos_cache", "sin_cache"],
+              "seqlens_k", "total_sequence_length", "cos_cache", "sin_cache", *[""] * 7, "query_seqlens"],
              [f"{p}.self_attn.out", f"present.{i}.key", f"present.{i}.value"], domain="com.microsoft", **gqa)
         linear(f"{p}.self_attn.out", f"{p}.self_attn.o_proj", attn.o_proj)
         node("SkipSimplifiedLayerNormalization",
@@ -127,13 +130,14 @@ def build_fused_decoder(model: Transformer, path: Path, opset: int | None = None
              [f"{p}.mlp.down_proj", f"{p}.attn_residual", norm_weight(gamma, "norm.weight" if last else f"{nxt}.input_layernorm.weight")],
              [f"{nxt}.h", "", "", f"{p}.residual"], domain="com.microsoft", epsilon=eps)
         residual = f"{p}.residual"
-    linear("final.h", "logits", model.lm_head)
+    linear("final.h", "logits", model.lm_head, name=LM_HEAD_NODE)
 
     batch, seq, cache = "batch_size", "sequence_length", "max_sequence_length"
     kv_shape = [batch, cfg.n_kv_heads, cache, cfg.head_dim]
     inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [batch, seq]),
               helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, [batch]),
-              helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, [])]
+              helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, []),
+              helper.make_tensor_value_info("query_seqlens", TensorProto.INT32, [batch])]
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, seq, cfg.vocab_size])]
     for i in range(cfg.n_layers):
         for kind in ("key", "value"):

@@ -61,6 +61,7 @@ class FusedCache:
         self.buffers = [np.zeros(shape, dtype=np.float32) for _ in model.past_names]
         self.rows = np.zeros(batch_size, dtype=np.int32)  # tokens held by each row
         self.seqlens_k = np.zeros(batch_size, dtype=np.int32)
+        self.query_seqlens = np.zeros(batch_size, dtype=np.int32)
         self.total = np.zeros((), dtype=np.int32)
         self.ids = self.logits = np.zeros((0, 0), dtype=np.int64)
         self.binding = None
@@ -73,7 +74,9 @@ class FusedCache:
         self.ids = np.zeros((b, t), dtype=np.int64)
         self.logits = np.zeros((b, t, self.model.cfg.vocab_size), dtype=np.float32)
         binding = session.io_binding()
-        for name, array in (("input_ids", self.ids), ("seqlens_k", self.seqlens_k), ("total_sequence_length", self.total)):
+        arrays = {"input_ids": self.ids, "seqlens_k": self.seqlens_k, "total_sequence_length": self.total,
+                  "query_seqlens": self.query_seqlens}
+        for name, array in arrays.items():
             binding.bind_ortvalue_input(name, value(array))
         binding.bind_ortvalue_output("logits", value(self.logits))
         for past, present, buffer in zip(self.model.past_names, self.model.present_names, self.buffers):
@@ -87,7 +90,7 @@ class FusedCache:
         index = rows.cpu().numpy()
         self.buffers = [np.ascontiguousarray(buffer[index]) for buffer in self.buffers]
         self.rows = np.ascontiguousarray(self.rows[index])
-        self.seqlens_k = np.zeros_like(self.rows)
+        self.seqlens_k, self.query_seqlens = np.zeros_like(self.rows), np.zeros_like(self.rows)
         self.binding = None
 
 
@@ -180,6 +183,7 @@ class OrtModel:
             cache.ids[...] = 0
             for row, n in enumerate(new.tolist()):
                 cache.ids[row, :n] = ids[row, t - n:]
+        cache.query_seqlens[...] = new
         cache.rows += new
         np.subtract(cache.rows, 1, out=cache.seqlens_k)
         cache.total[...] = cache.rows.max()
