@@ -38,7 +38,7 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
                                        "fails otherwise. Run it with `slmkit generate OUT PROMPT --backend onnx`.")
     p.add_argument("model", metavar="MODEL_DIR", help="model directory")
     p.add_argument("--out", required=True, metavar="DIR", help="export directory to create")
-    p.add_argument("--opset", type=int, metavar="N", help="ONNX opset version (default: the exporter's)")
+    p.add_argument("--opset", type=int, metavar="N", help="ONNX opset version (default: 21 for the fused graph, the exporter's for the traced one)")
     p.add_argument("--graph", choices=["auto", "fused", "traced"], default="auto",
                    help="fused: ONNX Runtime's fused decoder kernels (llama-style models); traced: torch.onnx.export "
                         "(any decoder, HF/optimum-style inputs); auto: fused when the model allows it (default)")

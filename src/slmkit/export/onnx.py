@@ -39,6 +39,7 @@ from torch import nn
 from slmkit._io import atomic_dir, write_json
 from slmkit.errors import ExportError, InputError, MissingExtraError
 from slmkit.export.onnx_fused import (
+    DEFAULT_OPSET,
     FUSED_INPUTS,
     LM_HEAD_NODE,
     build_fused_decoder,
@@ -260,7 +261,8 @@ def export_onnx(
         difference = max_difference(model, fp32)
         if not difference <= tolerance:
             raise ExportError(f"ONNX Runtime logits differ from PyTorch by {difference:.2e} (> {tolerance:.0e}); the export is not faithful")
-        info: dict[str, Any] = {"format": "onnx", "graph": kind, "opset": opset, "quantize": quantize,
+        info: dict[str, Any] = {"format": "onnx", "graph": kind, "opset": opset or (DEFAULT_OPSET if kind == "fused" else None),
+                                "quantize": quantize,
                                 "max_abs_difference_fp32": difference, "inputs": names[0], "outputs": names[1]}
         if kind == "traced" and graph == "auto":
             info["traced_because"] = reason

@@ -1,7 +1,7 @@
 """A decode graph for llama-style models written node by node from the weights, on ONNX Runtime's
 fused CPU kernels (the layout onnxruntime-genai's model builder uses):
 
-    x = Gather(embed, input_ids)
+    x = Gather(embed, input_ids)                                 (tied embeddings: columns of lm_head)
     per layer:  h   = SimplifiedLayerNormalization(x)            (the first; later ones are fused below)
                 a   = GroupQueryAttention(MatMul(h, Wqkv), past_key, past_value, seqlens_k, ...)
                 h,x = SkipSimplifiedLayerNormalization(MatMul(a, Wo), x)   (residual add + norm in one)
@@ -99,8 +99,13 @@ def build_fused_decoder(model: Transformer, path: Path, opset: int | None = None
 
     eps = cfg.norm_eps
     cos, sin = rotary_tables(cfg)
-    weights += [_weight(model.embed_tokens.weight, "embed_tokens.weight"), _weight(cos, "cos_cache"), _weight(sin, "sin_cache")]
-    node("Gather", ["embed_tokens.weight", "input_ids"], ["embeddings"])
+    weights += [_weight(cos, "cos_cache"), _weight(sin, "sin_cache")]
+    if cfg.tie_embeddings:  # one table: the lm_head's [d, vocab] weight, gathered by column
+        node("Gather", ["logits.weight", "input_ids"], ["embeddings.t"], axis=1)
+        node("Transpose", ["embeddings.t"], ["embeddings"], perm=[1, 2, 0])
+    else:
+        weights.append(_weight(model.embed_tokens.weight, "embed_tokens.weight"))
+        node("Gather", ["embed_tokens.weight", "input_ids"], ["embeddings"])
     residual = "embeddings"
     node("SimplifiedLayerNormalization", [residual, norm_weight(model.layers[0].input_layernorm, "layers.0.input_layernorm.weight")],
          ["layers.0.h"], axis=-1, epsilon=eps, stash_type=1)
