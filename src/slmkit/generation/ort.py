@@ -174,23 +174,24 @@ class OrtModel:
         if cache.length + t > cache.max_len:
             raise InputError(f"the cache holds {cache.max_len} tokens; {cache.length + t} do not fit (new_cache(max_len=...))")
         ids = input_ids.cpu().numpy()
-        new = t if attention_mask is None else _left_padded_lengths(attention_mask[:, cache.length:].cpu().numpy(), cache.length)
+        new = np.full(b, t, dtype=np.int32)
+        if attention_mask is not None:
+            new = _left_padded_lengths(attention_mask[:, cache.length:].cpu().numpy(), cache.length)
+        padded = bool((new != t).any())
         if cache.binding is None or cache.ids.shape != (b, t):
             cache.bind(t)
-        if attention_mask is None or bool((new == t).all()):
-            cache.ids[...] = ids
-        else:  # move each row's tokens to the front: row r holds its new[r] tokens at positions 0..
-            cache.ids[...] = 0
+        cache.ids[...] = ids
+        if padded:  # move each row's tokens to the front: row r holds its new[r] tokens at positions 0..
             for row, n in enumerate(new.tolist()):
-                cache.ids[row, :n] = ids[row, t - n:]
+                cache.ids[row, :n], cache.ids[row, n:] = ids[row, t - n:], 0
         cache.query_seqlens[...] = new
         cache.rows += new
         np.subtract(cache.rows, 1, out=cache.seqlens_k)
         cache.total[...] = cache.rows.max()
         self.session.run_with_iobinding(cache.binding)
         cache.length += t
-        logits = torch.from_numpy(cache.logits.copy())
-        if attention_mask is not None and not bool((new == t).all()):
+        logits = torch.from_numpy(cache.logits.copy())  # the buffer is overwritten by the next call
+        if padded:  # and back: a row's logits end at the last column; padding positions stay zero
             out = torch.zeros_like(logits)
             for row, n in enumerate(new.tolist()):
                 out[row, t - n:] = logits[row, :n]
