@@ -1,13 +1,16 @@
 """Export benchmark: one model on every runtime it ships to, same run, same machine.
 
-For PyTorch fp32 (the reference), ONNX Runtime fp32 / dynamic int8 / 4-bit MatMulNBits and
-llama.cpp f16 / q8_0 / q4_0 (through llama-cpp-python), on the same token ids:
+For PyTorch fp32 (the reference), ONNX Runtime fp32 / dynamic int8 / 4-bit MatMulNBits on the
+graph `slmkit export onnx` writes by default (the fused one for llama-style models), ONNX Runtime
+fp32 on the traced graph (torch.onnx.export) for comparison, and llama.cpp f16 / q8_0 / q4_0
+(through llama-cpp-python), on the same token ids:
 
   size        bytes on disk of the weights file (model.safetensors, model.onnx, the .gguf)
   perplexity  sliding windows (context = the model's, stride = half) over held-out tokens
   tokens/s    greedy decode at batch 1: a 32-token prompt, then 128 new tokens through the KV
-              cache (median of --repeats runs after a warm-up); also the ratio to PyTorch, and how
-              many leading greedy tokens equal PyTorch's
+              cache; after a warm-up of each, the runtimes take turns for --repeats rounds (so a
+              change in machine load hits all of them alike) and the median per runtime is
+              reported; also the ratio to PyTorch, and how many leading greedy tokens equal PyTorch's
 
 Each runtime uses the machine's cores (torch.get_num_threads(); ORT and llama.cpp the same count).
 
@@ -18,6 +21,7 @@ Each runtime uses the machine's cores (torch.get_num_threads(); ORT and llama.cp
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import shutil
 import statistics
@@ -41,15 +45,17 @@ from slmkit.generation.ort import OrtModel
 PROMPT_TOKENS, NEW_TOKENS = 32, 128
 
 
-def median_tokens_per_s(run: Callable[[], list[int]], repeats: int) -> tuple[float, list[int]]:
-    out = run()  # warm-up
-    times = []
+def median_tokens_per_s(runs: dict[str, Callable[[], list[int]]], repeats: int) -> dict[str, tuple[float, list[int]]]:
+    """name -> (median tokens/s, greedy ids). Every run is warmed up once, then they take turns."""
+    out = {name: run() for name, run in runs.items()}
+    times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(repeats):
-        start = time.perf_counter()
-        out = run()
-        times.append(time.perf_counter() - start)
-    assert len(out) == NEW_TOKENS, len(out)
-    return NEW_TOKENS / statistics.median(times), out
+        for name, run in runs.items():
+            start = time.perf_counter()
+            out[name] = run()
+            times[name].append(time.perf_counter() - start)
+    assert all(len(ids) == NEW_TOKENS for ids in out.values()), {name: len(ids) for name, ids in out.items()}
+    return {name: (NEW_TOKENS / statistics.median(times[name]), out[name]) for name in runs}
 
 
 def slmkit_perplexity(model, ids: list[int], context: int) -> float:
@@ -79,46 +85,52 @@ def main() -> None:
     held_out = [int(t) for t in np.load(args.tokens, mmap_mode="r")[: args.eval_tokens]]
     prompt = held_out[:PROMPT_TOKENS]
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-export-"))
-    rows: list[tuple[str, int, float, float, list[int]]] = []
+    sizes: dict[str, int] = {"PyTorch fp32": (Path(args.model) / "model.safetensors").stat().st_size}
+    perplexities = {"PyTorch fp32": slmkit_perplexity(model, held_out, context)}
+    runs: dict[str, Callable[[], list[int]]] = {"PyTorch fp32": lambda: generate_ids(model, [prompt], NEW_TOKENS)[0]}
 
-    def torch_run(m) -> Callable[[], list[int]]:
-        return lambda: generate_ids(m, [prompt], NEW_TOKENS)[0]
-
-    speed, reference_ids = median_tokens_per_s(torch_run(model), args.repeats)
-    rows.append(("PyTorch fp32", (Path(args.model) / "model.safetensors").stat().st_size,
-                 slmkit_perplexity(model, held_out, context), speed, reference_ids))
-
-    start = time.perf_counter()
-    fp32_dir = export_onnx(args.model, work / "onnx-fp32", force=True)
-    print(f"ONNX export + validation: {time.perf_counter() - start:.0f} s")
-    for method in (None, "int8", "int4"):
-        directory = fp32_dir
-        if method:
+    exports = {}
+    for graph in ("auto", "traced"):
+        start = time.perf_counter()
+        exports[graph] = export_onnx(args.model, work / f"onnx-{graph}", force=True, graph=graph)
+        info = json.loads((exports[graph] / "export.json").read_text(encoding="utf-8"))
+        print(f"ONNX export ({info['graph']} graph) + validation: {time.perf_counter() - start:.1f} s, "
+              f"max |logit difference| {info['max_abs_difference_fp32']:.1e}")
+    default_graph = json.loads((exports["auto"] / "export.json").read_text(encoding="utf-8"))["graph"]
+    for method in (None, "int8", "int4", "traced"):
+        directory = exports["traced" if method == "traced" else "auto"]
+        if method in ("int8", "int4"):
             directory = work / f"onnx-{method}"
             shutil.rmtree(directory, ignore_errors=True)
             directory.mkdir()
             for name in MODEL_DIR_FILES:
-                shutil.copy2(fp32_dir / name, directory / name)
-            quantize_onnx(fp32_dir / "model.onnx", directory / "model.onnx", method)
+                shutil.copy2(exports["auto"] / name, directory / name)
+            quantize_onnx(exports["auto"] / "model.onnx", directory / "model.onnx", method)
+        name = "ONNX Runtime fp32, traced graph" if method == "traced" else f"ONNX Runtime {method or 'fp32'}, {default_graph} graph"
         ort_model = OrtModel(directory, threads=threads)
-        speed, ids = median_tokens_per_s(torch_run(ort_model), args.repeats)
-        rows.append((f"ONNX Runtime {method or 'fp32'}", (directory / "model.onnx").stat().st_size,
-                     slmkit_perplexity(ort_model, held_out, context), speed, ids))
+        sizes[name] = (directory / "model.onnx").stat().st_size
+        perplexities[name] = slmkit_perplexity(ort_model, held_out, context)
+        runs[name] = lambda m=ort_model: generate_ids(m, [prompt], NEW_TOKENS)[0]
 
+    llms = []
     for kind in ("f16", "q8_0", "q4_0"):
+        name = f"llama.cpp {kind}"
         path = export_gguf(args.model, work / f"model-{kind}.gguf", type=kind, force=True)
+        sizes[name] = path.stat().st_size
         try:
             scorer = open_gguf(path, n_ctx=context, logits_all=True, n_threads=threads)
         except MissingExtraError as e:  # llama-cpp-python missing: report the size only
-            rows.append((f"llama.cpp {kind}", path.stat().st_size, float("nan"), float("nan"), []))
-            print(f"llama.cpp {kind}: {e}")
+            print(f"{name}: {e}")
             continue
-        ppl = perplexity_of_ids(scorer, [held_out], context)
+        perplexities[name] = perplexity_of_ids(scorer, [held_out], context)
         scorer.close()
-        llm = open_gguf(path, n_ctx=context, n_threads=threads)
-        speed, ids = median_tokens_per_s(lambda llm=llm: greedy_ids(llm, prompt, NEW_TOKENS), args.repeats)
+        llms.append(open_gguf(path, n_ctx=context, n_threads=threads))
+        runs[name] = lambda llm=llms[-1]: greedy_ids(llm, prompt, NEW_TOKENS)
+    speeds = median_tokens_per_s(runs, args.repeats)
+    for llm in llms:
         llm.close()
-        rows.append((f"llama.cpp {kind}", path.stat().st_size, ppl, speed, ids))
+    reference_ids = speeds["PyTorch fp32"][1]
+    rows = [(name, size, perplexities.get(name, float("nan")), *speeds.get(name, (float("nan"), []))) for name, size in sizes.items()]
 
     base_ppl, base_speed = rows[0][2], rows[0][3]
     print(f"\nmodel {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, context {context}; "

@@ -10,9 +10,9 @@ def cmd_export_onnx(args: argparse.Namespace) -> None:
 
     from slmkit.export.onnx import EXPORT_INFO, export_onnx
 
-    out = export_onnx(args.model, args.out, opset=args.opset, quantize=args.quantize, force=args.force)
+    out = export_onnx(args.model, args.out, opset=args.opset, quantize=args.quantize, force=args.force, graph=args.graph)
     info = json.loads((out / EXPORT_INFO).read_text(encoding="utf-8"))
-    print(f"wrote {out} (max |logit - PyTorch| {info['max_abs_difference_fp32']:.1e} fp32"
+    print(f"wrote {out} ({info['graph']} graph; max |logit - PyTorch| {info['max_abs_difference_fp32']:.1e} fp32"
           + (f", {info['max_abs_difference_quantized']:.1e} {args.quantize}" if args.quantize else "") + ")")
 
 
@@ -31,11 +31,17 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
     p = formats.add_parser("onnx", parents=[common], help="an ONNX decoder with KV cache, for ONNX Runtime",
                            description="Export the decoder with past key/values as inputs and outputs (dynamic batch "
                                        "and sequence) into a self-contained directory (model.onnx, config, tokenizer). "
+                                       "Llama-style models (rmsnorm, swiglu, rope, no biases) get a graph built on ONNX "
+                                       "Runtime's fused kernels (GroupQueryAttention, in-place KV cache), the fast one "
+                                       "for decoding; other models are traced with torch.onnx.export. "
                                        "The export is checked against PyTorch (max |logit difference| <= 1e-4) and "
                                        "fails otherwise. Run it with `slmkit generate OUT PROMPT --backend onnx`.")
     p.add_argument("model", metavar="MODEL_DIR", help="model directory")
     p.add_argument("--out", required=True, metavar="DIR", help="export directory to create")
-    p.add_argument("--opset", type=int, metavar="N", help="ONNX opset version (default: the exporter's)")
+    p.add_argument("--opset", type=int, metavar="N", help="ONNX opset version (default: 21 for the fused graph, the exporter's for the traced one)")
+    p.add_argument("--graph", choices=["auto", "fused", "traced"], default="auto",
+                   help="fused: ONNX Runtime's fused decoder kernels (llama-style models); traced: torch.onnx.export "
+                        "(any decoder, HF/optimum-style inputs); auto: fused when the model allows it (default)")
     p.add_argument("--quantize", choices=["int8", "int4"],
                    help="ONNX Runtime weight quantization: dynamic int8 MatMuls, or 4-bit blockwise MatMulNBits")
     p.add_argument("--force", action="store_true", help="replace DIR if it exists")

@@ -1,17 +1,25 @@
 """ONNX export of the decoder with its KV cache as inputs and outputs, for ONNX Runtime.
 
-The graph has the interface the Hugging Face / optimum ecosystem uses for decoders:
+Two kinds of graph, chosen by `graph` ("auto": fused whenever the config allows it):
+
+- fused: llama-style models (rmsnorm, swiglu, rope, no biases; `onnx_fused.unsupported_reason`)
+  are written node by node onto ONNX Runtime's fused kernels (GroupQueryAttention with an
+  in-place KV buffer, SkipSimplifiedLayerNormalization); see `slmkit.export.onnx_fused`.
+- traced: any other decoder goes through `torch.onnx.export` (dynamo), with the interface the
+  Hugging Face / optimum ecosystem uses for decoders:
 
     inputs   input_ids [batch, seq], attention_mask [batch, past + seq],
              past_key_values.N.key / .value [batch, kv_heads, past, head_dim]
     outputs  logits [batch, seq, vocab], present.N.key / .value [batch, kv_heads, past + seq, head_dim]
 
-Positions come from the attention mask (left padding does not shift them), exactly as in
-`Transformer.forward`. A prefill passes a past of length 0. Right after export the graph is run
-on ONNX Runtime and compared with PyTorch; an export that does not reproduce the logits fails.
+  Positions come from the attention mask (left padding does not shift them), exactly as in
+  `Transformer.forward`. A prefill passes a past of length 0.
 
-The export directory is self-contained: model.onnx, config.json, tokenizer files, generation.json
-and export.json (how it was made, and the measured difference from PyTorch).
+Right after export the graph is run on ONNX Runtime (through `slmkit.generation.ort.OrtModel`,
+as generation runs it) and compared with PyTorch over a left-padded prefill and decode steps; an
+export that does not reproduce the logits fails. The export directory is self-contained:
+model.onnx, config.json, tokenizer files, generation.json and export.json (which graph kind was
+written and why, and the measured difference from PyTorch).
 """
 
 from __future__ import annotations
@@ -25,12 +33,18 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from torch import nn
 
 from slmkit._io import atomic_dir, write_json
 from slmkit.errors import ExportError, InputError, MissingExtraError
+from slmkit.export.onnx_fused import (
+    DEFAULT_OPSET,
+    FUSED_INPUTS,
+    LM_HEAD_NODE,
+    build_fused_decoder,
+    unsupported_reason,
+)
 from slmkit.model.io import load
 from slmkit.model.transformer import Transformer
 
@@ -38,6 +52,7 @@ ONNX_FILE = "model.onnx"
 EXPORT_INFO = "export.json"
 MODEL_DIR_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "generation.json")
 Quantize = Literal["int8", "int4"]
+GraphKind = Literal["auto", "fused", "traced"]
 TOLERANCE = 1e-4  # largest |logit difference| accepted between ONNX Runtime and PyTorch (fp32)
 EXTERNAL_DATA_BYTES = 1 << 30  # protobuf files stop at 2 GiB; larger weights go to model.onnx.data
 
@@ -124,8 +139,7 @@ def export_decoder(model: Transformer, path: Path, opset: int | None = None) -> 
             input_names=input_names(cfg.n_layers), output_names=output_names(cfg.n_layers),
             opset_version=opset, verbose=False,
         )
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    program.save(str(path), external_data=weight_bytes > EXTERNAL_DATA_BYTES)
+    program.save(str(path), external_data=sum(p.numel() * p.element_size() for p in model.parameters()) > EXTERNAL_DATA_BYTES)
 
 
 @contextlib.contextmanager
@@ -143,41 +157,42 @@ def _quiet_exporter() -> Iterator[None]:
 
 
 def validation_inputs(model: Transformer) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """A left-padded prefill of two rows and the decode step after it: (ids, mask) pairs."""
+    """A left-padded prefill of two rows and two decode steps after it: (ids, mask) pairs."""
     cfg = model.cfg
-    prompt = max(2, min(8, cfg.context_length - 1))
+    prompt = max(2, min(8, cfg.context_length - 2))
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, cfg.vocab_size, (2, prompt), generator=g)
     mask = torch.ones(2, prompt, dtype=torch.long)
     mask[1, :2] = 0
-    step = torch.randint(0, cfg.vocab_size, (2, 1), generator=g)
-    return [(ids, mask), (step, torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], dim=1))]
+    steps = []
+    for _ in range(2):
+        mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], dim=1)
+        steps.append((torch.randint(0, cfg.vocab_size, (2, 1), generator=g), mask))
+    return [(ids, mask[:, :prompt]), *steps]
 
 
 @torch.inference_mode()
 def max_difference(model: Transformer, onnx_path: Path) -> float:
-    """Largest |logit| and |present| difference between ONNX Runtime and PyTorch over a prefill
-    and a decode step (the decode step is fed each side's own present)."""
-    import onnxruntime as ort
+    """Largest |logit difference| between ONNX Runtime and PyTorch over a left-padded prefill and
+    decode steps, at the positions of real tokens (each side runs on its own cache). The config
+    must already sit beside `onnx_path`."""
+    from slmkit.generation.ort import OrtModel
 
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    names = past_names(model.cfg.n_layers)
-    wrapper = DecoderWithPast(model).eval()
-    torch_past = empty_past(model, 2)
-    ort_past = [t.numpy() for pair in torch_past for t in pair]
+    ort_model = OrtModel(onnx_path)
+    cache, ort_cache = model.new_cache(2), ort_model.new_cache(2)
     worst = 0.0
     for ids, mask in validation_inputs(model):
-        logits, torch_past = wrapper(ids, mask, torch_past)
-        outputs = session.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy(), **dict(zip(names, ort_past))})
-        expected = [logits] + [t for pair in torch_past for t in pair]
-        worst = max(worst, *(float(np.abs(got - want.numpy()).max()) for got, want in zip(outputs, expected)))
-        ort_past = outputs[1:]
+        expected, got = model(ids, attention_mask=mask, cache=cache), ort_model(ids, attention_mask=mask, cache=ort_cache)
+        real = mask[:, -ids.shape[1]:].bool()
+        worst = max(worst, float((got - expected).abs()[real].max()))
     return worst
 
 
 def quantize_onnx(src: Path, dst: Path, method: Quantize, block_size: int = 32) -> None:
     """ONNX Runtime's own weight quantizers: dynamic int8 (int8 weights, activations quantized
-    per call) or 4-bit blockwise weights for the MatMulNBits kernel."""
+    per call) or 4-bit blockwise weights for the MatMulNBits kernel (int8 activations inside the
+    kernel, accuracy_level 4: the fast path on CPU). The fused graph's output projection stays fp32:
+    quantizing it costs more accuracy than any other MatMul."""
     import onnx
 
     root_level = logging.getLogger().level
@@ -188,11 +203,13 @@ def quantize_onnx(src: Path, dst: Path, method: Quantize, block_size: int = 32) 
 
     large = src.with_name(src.name + ".data").exists()
     if method == "int8":
+        # shape inference knows no types past com.microsoft ops (the fused graph's attention): they are float
         quantize_dynamic(src, dst, op_types_to_quantize=["MatMul"], per_channel=True, weight_type=QuantType.QInt8,
-                         use_external_data_format=large)
+                         use_external_data_format=large, extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+                         nodes_to_exclude=[LM_HEAD_NODE])
     elif method == "int4":
         quantizer = MatMulNBitsQuantizer(onnx.load(str(src)), bits=4, block_size=block_size, is_symmetric=True,
-                                         accuracy_level=4)  # int8 activations inside the kernel: the fast path on CPU
+                                         accuracy_level=4, nodes_to_exclude=[LM_HEAD_NODE])
         quantizer.process()
         quantizer.model.save_model_to_file(str(dst), use_external_data_format=large)
     else:
@@ -206,35 +223,53 @@ def export_onnx(
     quantize: Quantize | None = None,
     force: bool = False,
     tolerance: float = TOLERANCE,
+    graph: GraphKind = "auto",
 ) -> Path:
     """Export a model directory to a self-contained ONNX directory; returns its path.
 
-    The fp32 graph must match PyTorch within `tolerance` (max |logit difference|) or the export
-    fails and nothing is written. `quantize` then replaces it with an int8 or int4 graph.
+    `graph` picks the fused graph (llama-style models only) or the traced one; "auto" takes the
+    fused one whenever the config allows it. The fp32 graph must match PyTorch within `tolerance`
+    (max |logit difference|) or the export fails and nothing is written. `quantize` then replaces
+    it with an int8 or int4 graph.
     """
     _require_onnx()
     if quantize not in (None, "int8", "int4"):
         raise InputError(f"unknown ONNX quantization {quantize!r}; choose int8 or int4")
+    if graph not in ("auto", "fused", "traced"):
+        raise InputError(f"unknown ONNX graph kind {graph!r}; choose auto, fused or traced")
     model_dir = Path(model_dir)
     model, _ = load(model_dir)
     if not model.cfg.causal:
         raise InputError("ONNX export is for causal decoders; this model is a bidirectional encoder (causal: false)")
+    reason = unsupported_reason(model.cfg)
+    if graph == "fused" and reason:
+        raise InputError(f"the fused ONNX graph cannot express this model ({reason}); use --graph traced or auto")
+    kind = "traced" if graph == "traced" or reason else "fused"
     with atomic_dir(out, force) as tmp:
+        for name in MODEL_DIR_FILES:
+            if (model_dir / name).is_file():
+                shutil.copy2(model_dir / name, tmp / name)
         path = tmp / ONNX_FILE
         fp32 = tmp / "model.fp32.onnx" if quantize else path
-        export_decoder(model, fp32, opset)
+        large = sum(p.numel() * p.element_size() for p in model.parameters()) > EXTERNAL_DATA_BYTES
+        if kind == "fused":
+            build_fused_decoder(model, fp32, opset, external_data=large)
+            names = ([*FUSED_INPUTS, *past_names(model.cfg.n_layers)], output_names(model.cfg.n_layers))
+        else:
+            export_decoder(model, fp32, opset)
+            names = (input_names(model.cfg.n_layers), output_names(model.cfg.n_layers))
         difference = max_difference(model, fp32)
         if not difference <= tolerance:
             raise ExportError(f"ONNX Runtime logits differ from PyTorch by {difference:.2e} (> {tolerance:.0e}); the export is not faithful")
-        info: dict[str, Any] = {"format": "onnx", "opset": opset, "quantize": quantize, "max_abs_difference_fp32": difference,
-                                "inputs": input_names(model.cfg.n_layers), "outputs": output_names(model.cfg.n_layers)}
+        info: dict[str, Any] = {"format": "onnx", "graph": kind, "opset": opset or (DEFAULT_OPSET if kind == "fused" else None),
+                                "quantize": quantize,
+                                "max_abs_difference_fp32": difference, "inputs": names[0], "outputs": names[1]}
+        if kind == "traced" and graph == "auto":
+            info["traced_because"] = reason
         if quantize:
             quantize_onnx(fp32, path, quantize)
             for file in tmp.glob(fp32.name + "*"):
                 file.unlink()
             info["max_abs_difference_quantized"] = max_difference(model, path)
-        for name in MODEL_DIR_FILES:
-            if (model_dir / name).is_file():
-                shutil.copy2(model_dir / name, tmp / name)
         write_json(tmp / EXPORT_INFO, info)
     return Path(out)
