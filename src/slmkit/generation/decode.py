@@ -95,7 +95,8 @@ def sample(
         if params.needs_history:
             logits = apply_penalties(logits.float(), seen, counts, params)
         token = choose(logits, params, generator)
-        done |= torch.isin(token, stops)
+        if len(stops):
+            done |= torch.isin(token, stops)
         token = token.masked_fill(done, -1)
         if done.all():
             return

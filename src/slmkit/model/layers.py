@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -21,8 +22,12 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim) if plus_one else torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.weight.float() + 1.0 if self.plus_one else self.weight.float()
-        return F.rms_norm(x.float(), (x.shape[-1],), weight, self.eps).to(x.dtype)
+        weight = self.weight
+        if self.plus_one:
+            weight = weight.float() + 1.0
+        if x.dtype == torch.float32 and weight.dtype == torch.float32:  # decoding calls this often
+            return F.rms_norm(x, (x.shape[-1],), weight, self.eps)
+        return F.rms_norm(x.float(), (x.shape[-1],), weight.float(), self.eps).to(x.dtype)
 
 
 def layer_norm(dim: int, cfg: ModelConfig) -> nn.Module:
@@ -37,10 +42,19 @@ NORMS = {"layernorm": layer_norm, "rmsnorm": rms_norm}
 
 
 # ---------------------------------------------------------------------------- feed-forward
+# Activations are plain functions, not modules: they hold no state, and a module call costs a
+# decoding step more than the activation itself.
+Activation = Callable[[torch.Tensor], torch.Tensor]
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
 class MLP(nn.Module):
     """up -> activation -> down (GPT-2)."""
 
-    def __init__(self, cfg: ModelConfig, activation: nn.Module, hidden: int | None = None) -> None:
+    def __init__(self, cfg: ModelConfig, activation: Activation, hidden: int | None = None) -> None:
         super().__init__()
         hidden = hidden or cfg.ffn_hidden
         self.up_proj = nn.Linear(cfg.d_model, hidden, bias=cfg.mlp_bias)
@@ -54,7 +68,7 @@ class MLP(nn.Module):
 class GatedMLP(nn.Module):
     """down(act(gate(x)) * up(x)): SwiGLU with SiLU (Llama), GeGLU with GELU (Gemma)."""
 
-    def __init__(self, cfg: ModelConfig, activation: nn.Module, hidden: int | None = None) -> None:
+    def __init__(self, cfg: ModelConfig, activation: Activation, hidden: int | None = None) -> None:
         super().__init__()
         hidden = hidden or cfg.ffn_hidden
         self.gate_proj = nn.Linear(cfg.d_model, hidden, bias=cfg.mlp_bias)
@@ -67,10 +81,10 @@ class GatedMLP(nn.Module):
 
 
 MLPS = {  # (cfg, hidden=None): hidden overrides ffn_hidden (experts are narrower)
-    "gelu": lambda cfg, hidden=None: MLP(cfg, nn.GELU(), hidden),
-    "gelu_tanh": lambda cfg, hidden=None: MLP(cfg, nn.GELU(approximate="tanh"), hidden),
-    "swiglu": lambda cfg, hidden=None: GatedMLP(cfg, nn.SiLU(), hidden),
-    "geglu": lambda cfg, hidden=None: GatedMLP(cfg, nn.GELU(approximate="tanh"), hidden),
+    "gelu": lambda cfg, hidden=None: MLP(cfg, F.gelu, hidden),
+    "gelu_tanh": lambda cfg, hidden=None: MLP(cfg, gelu_tanh, hidden),
+    "swiglu": lambda cfg, hidden=None: GatedMLP(cfg, F.silu, hidden),
+    "geglu": lambda cfg, hidden=None: GatedMLP(cfg, gelu_tanh, hidden),
 }
 
 
