@@ -359,20 +359,44 @@ def test_decoding_layout_still_trains() -> None:
     assert losses[-1] < losses[0]
 
 
-def test_decoding_layout_is_done_once_and_only_for_widening_linears() -> None:
-    narrow = build(small_config(vocab_size=16, d_model=32, mlp="swiglu"))  # vocab smaller than d
+def test_decoding_layout_packs_and_transposes_then_unpacks() -> None:
+    narrow = build(small_config(vocab_size=16, d_model=32, mlp="gelu"))  # vocab smaller than d
     narrow.use_decoding_layout()
-    assert narrow.lm_head.weight.is_contiguous()
-    model = build(small_config(mlp="swiglu"))
-    x = ids(1, 6)
+    assert narrow.lm_head.weight.is_contiguous() and not narrow.layers[0].mlp.up_proj.weight.is_contiguous()
+    model = build(small_config(mlp="swiglu", attn_bias=True, n_kv_heads=2))
+    x = ids(2, 6)
     logits = model(x)
     model.use_decoding_layout()
     mlp, attn = model.layers[0].mlp, model.layers[0].self_attn
-    assert not mlp.gate_proj.weight.is_contiguous() and not mlp.up_proj.weight.is_contiguous()
-    assert mlp.down_proj.weight.is_contiguous() and attn.q_proj.weight.is_contiguous()  # not wider than tall
-    storage = model.lm_head.weight.data_ptr()
+    q, k, v = (attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight)
+    assert q.untyped_storage().data_ptr() == k.untyped_storage().data_ptr() == v.untyped_storage().data_ptr()
+    assert mlp.gate_proj.weight.untyped_storage().data_ptr() == mlp.up_proj.weight.untyped_storage().data_ptr()
+    assert mlp.down_proj.weight.is_contiguous()  # narrowing, alone: left as it is
+    pointer = q.data_ptr()
     model.use_decoding_layout()
-    assert model.lm_head.weight.data_ptr() == storage
-    assert max_diff(model(x), logits) <= TOL
+    assert attn.q_proj.weight.data_ptr() == pointer  # done once
+    with torch.inference_mode():
+        assert max_diff(model(x), logits) <= TOL
+        cache = model.new_cache(2)
+        assert max_diff(torch.cat([model(x[:, :3], cache=cache), model(x[:, 3:], cache=cache)], 1), logits) <= TOL
     model.use_decoding_layout(False)
-    assert all(p.is_contiguous() for p in model.parameters())
+    params = list(model.parameters())
+    assert all(p.is_contiguous() for p in params)
+    assert len({p.untyped_storage().data_ptr() for p in params}) == len(params)  # none shares storage
+    assert max_diff(model(x), logits) <= TOL
+
+
+def test_packed_weights_fall_back_when_a_parameter_gets_new_storage() -> None:
+    model = build(small_config(mlp="swiglu"))
+    x = ids(1, 5)
+    model.use_decoding_layout()
+    attn = model.layers[0].self_attn
+    attn.k_proj.weight.data = torch.zeros_like(attn.k_proj.weight)  # no longer a view of the pack
+    expected = Transformer(model.cfg).eval()
+    expected.load_state_dict(model.state_dict())
+    with torch.inference_mode():
+        assert max_diff(model(x), expected(x)) <= TOL
+    model.use_decoding_layout()  # packs again, with the new weights
+    assert attn.packed.current([attn.q_proj, attn.k_proj, attn.v_proj])
+    with torch.inference_mode():
+        assert max_diff(model(x), expected(x)) <= TOL

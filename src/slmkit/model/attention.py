@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from slmkit.config import ModelConfig
-from slmkit.model.layers import NORMS, apply_rotary
+from slmkit.model.layers import NORMS, apply_rotary, packed_outputs
 
 
 def reference_attention(
@@ -89,6 +89,8 @@ class KVCache:
 
 
 class Attention(nn.Module):
+    PACKED = ("q_proj", "k_proj", "v_proj")  # read the same input: one matmul when packed for decoding
+
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
         self.cfg, self.layer = cfg, layer
@@ -109,10 +111,11 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         cfg = self.cfg
         b, t, _ = x.shape
+        q, k, v = packed_outputs(self, x, self.PACKED)
         # split heads: [B, T, H*D] -> [B, H, T, D]
-        q = self.q_proj(x).view(b, t, cfg.n_heads, cfg.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
+        q = q.view(b, t, cfg.n_heads, cfg.head_dim).transpose(1, 2)
+        k = k.view(b, t, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
+        v = v.view(b, t, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         if rotation is not None:

@@ -41,6 +41,69 @@ def rms_norm(dim: int, cfg: ModelConfig) -> nn.Module:
 NORMS = {"layernorm": layer_norm, "rmsnorm": rms_norm}
 
 
+# ---------------------------------------------------------------------------- packed linears
+class PackedLinears:
+    """Linears that read the same input (q/k/v, gate/up) with their weights side by side in one
+    buffer that each weight is a view of, so decoding runs one matmul instead of several: fewer
+    calls per token, and one long stream through memory instead of short ones.
+
+    The buffer is column-major (its transpose contiguous), the layout CPU BLAS streams fastest for
+    one-row products (`Transformer.use_decoding_layout`). The parameters stay what they were;
+    anything that gives one of them new storage (`.to(dtype)`, loading with `assign=True`)
+    silently ends the packing, which `outputs` notices and then declines.
+    """
+
+    def __init__(self, linears: list[nn.Linear]) -> None:
+        weights = torch.cat([lin.weight.detach() for lin in linears])
+        self.weight = weights.t().contiguous().t()
+        self.bias = torch.cat([lin.bias.detach() for lin in linears]) if linears[0].bias is not None else None
+        self.sizes = [lin.out_features for lin in linears]
+        for lin, w in zip(linears, self.weight.split(self.sizes)):
+            lin.weight.data = w
+        if self.bias is not None:
+            for lin, b in zip(linears, self.bias.split(self.sizes)):
+                lin.bias.data = b
+        self.pointers = [lin.weight.data_ptr() for lin in linears]
+
+    @staticmethod
+    def packable(linears: list[nn.Module]) -> bool:
+        if not all(type(lin) is nn.Linear for lin in linears):  # adapters and quantized linears are not
+            return False
+        first = linears[0].weight
+        return first.device.type == "cpu" and all(
+            lin.weight.dtype == first.dtype and lin.weight.device == first.device and lin.in_features == linears[0].in_features
+            and (lin.bias is None) == (linears[0].bias is None) for lin in linears)
+
+    def outputs(self, x: torch.Tensor, linears: list[nn.Module]) -> tuple[torch.Tensor, ...] | None:
+        """Each linear's output from one matmul, or None when the packed path does not apply:
+        gradients must reach the parameters themselves, and the weights must still be the views."""
+        if torch.is_grad_enabled() or not self.current(linears):
+            return None
+        return F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
+
+    def current(self, linears: list[nn.Module]) -> bool:
+        """Whether the linears' weights are still the views of this buffer."""
+        if not all(type(lin) is nn.Linear for lin in linears):  # wrapped since, e.g. by adapters
+            return False
+        return [lin.weight.data_ptr() for lin in linears] == self.pointers
+
+    @staticmethod
+    def unpack(linears: list[nn.Linear]) -> None:
+        """Give every parameter its own contiguous storage again."""
+        for lin in linears:
+            lin.weight.data = lin.weight.data.contiguous().clone()
+            if lin.bias is not None:
+                lin.bias.data = lin.bias.data.clone()
+
+
+def packed_outputs(module: nn.Module, x: torch.Tensor, names: tuple[str, ...]) -> tuple[torch.Tensor, ...]:
+    """The outputs of `module`'s linears `names` on x: one matmul when they are packed, else one each."""
+    linears = [getattr(module, name) for name in names]
+    packed = module.__dict__.get("packed")
+    outputs = packed.outputs(x, linears) if packed is not None else None
+    return outputs if outputs is not None else tuple(lin(x) for lin in linears)
+
+
 # ---------------------------------------------------------------------------- feed-forward
 # Activations are plain functions, not modules: they hold no state, and a module call costs a
 # decoding step more than the activation itself.
@@ -68,6 +131,8 @@ class MLP(nn.Module):
 class GatedMLP(nn.Module):
     """down(act(gate(x)) * up(x)): SwiGLU with SiLU (Llama), GeGLU with GELU (Gemma)."""
 
+    PACKED = ("gate_proj", "up_proj")  # read the same input: one matmul when packed for decoding
+
     def __init__(self, cfg: ModelConfig, activation: Activation, hidden: int | None = None) -> None:
         super().__init__()
         hidden = hidden or cfg.ffn_hidden
@@ -77,7 +142,8 @@ class GatedMLP(nn.Module):
         self.act = activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = packed_outputs(self, x, self.PACKED)
+        return self.down_proj(self.act(gate) * up)
 
 
 MLPS = {  # (cfg, hidden=None): hidden overrides ffn_hidden (experts are narrower)

@@ -20,7 +20,7 @@ from slmkit.config import ModelConfig
 from slmkit.errors import InputError
 from slmkit.model.attention import Attention, KVCache
 from slmkit.model.fp8 import FP8KVCache, FP8LatentCache, use_fp8_linears
-from slmkit.model.layers import MLPS, NORMS, POSITIONS
+from slmkit.model.layers import MLPS, NORMS, POSITIONS, PackedLinears
 from slmkit.model.mla import LatentAttention, LatentCache
 from slmkit.model.moe import MoE, moe_aux_loss
 from slmkit.model.mtp import MultiTokenPrediction
@@ -152,24 +152,32 @@ class Transformer(nn.Module):
         return logits
 
     def use_decoding_layout(self, on: bool = True) -> None:
-        """Store the weights of widening linears (more outputs than inputs: the output projection,
-        gate and up projections) column-major, i.e. their transpose contiguous; or back.
+        """Lay the weights out for decoding, which multiplies one row by every weight matrix per
+        token; or put the standard layout back (`on=False`).
 
-        Decoding multiplies one row by each weight matrix for every token, and on CPU BLAS streams
-        a widening matrix faster in this layout: 1.5-1.8x for the [50257, 768] output projection
-        of GPT-2, about 10% of a `tiny` token overall (see BENCHMARKS.md). Parameters, shapes and
-        values stay the same, and training works in either layout; a tied embedding shares its
-        layout with the output projection (row lookups do not mind). The generation loops and the
-        serving engine switch it on; `save_model_dir` switches it off, because safetensors writes
-        contiguous tensors only. Do the same before handing the model to other code that expects
-        contiguous weights.
+        Linears that read the same input (q/k/v, gate/up) are packed side by side into one buffer
+        (`PackedLinears`), and every widening matrix (more outputs than inputs: the packs, the
+        output projection, GPT-2's up projection) is stored column-major, which CPU BLAS streams
+        faster: 1.6-1.8x for GPT-2's [50257, 768] output projection (see BENCHMARKS.md). The
+        parameters, their shapes and values stay the same, and training still works (the packed
+        path is used only without gradients). The generation loops and the serving engine switch
+        this on; `save_model_dir` switches it off, since safetensors writes contiguous, unshared
+        tensors only: do the same before handing the model to other code that expects them.
         """
-        for module in self.modules():
-            if type(module) is not nn.Linear or module.out_features <= module.in_features:
-                continue  # adapters and quantized linears keep their own layout
-            weight = module.weight
-            if weight.is_contiguous() == on and weight.device.type == "cpu":
-                with torch.inference_mode(False), torch.no_grad():
+        groups = [(m, [getattr(m, name) for name in m.PACKED]) for m in self.modules() if hasattr(m, "PACKED")]
+        with torch.inference_mode(False), torch.no_grad():
+            for module, linears in groups:
+                packed = module.__dict__.get("packed")
+                if on and (packed is None or not packed.current(linears)) and PackedLinears.packable(linears):
+                    module.packed = PackedLinears(linears)
+                elif not on and packed is not None:
+                    PackedLinears.unpack(linears)
+                    del module.packed
+            for module in self.modules():
+                if type(module) is not nn.Linear or module.out_features <= module.in_features:
+                    continue
+                weight = module.weight
+                if weight.is_contiguous() == on and weight.device.type == "cpu":
                     weight.data = weight.data.t().contiguous().t() if on else weight.data.contiguous()
 
     def rotation_for(self, length: int, device: torch.device):
