@@ -25,9 +25,17 @@ class RMSNorm(nn.Module):
         weight = self.weight
         if self.plus_one:
             weight = weight.float() + 1.0
-        if x.dtype == torch.float32 and weight.dtype == torch.float32:  # decoding calls this often
-            return F.rms_norm(x, (x.shape[-1],), weight, self.eps)
+        if x.dtype == weight.dtype == torch.float32 and x.device.type == "cpu" and not torch.is_grad_enabled():
+            return rms_norm_by_layer_norm(x, weight, self.eps)
         return F.rms_norm(x.float(), (x.shape[-1],), weight.float(), self.eps).to(x.dtype)
+
+
+def rms_norm_by_layer_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm through LayerNorm's fused CPU kernel, for inference: on CPU `F.rms_norm` runs as
+    about eight separate ops, a noticeable share of a decoding step. [x, -x] has mean 0 and
+    variance mean(x^2), so LayerNorm of it is x / sqrt(mean(x^2) + eps) on its first half."""
+    d = x.shape[-1]
+    return F.layer_norm(torch.cat([x, -x], dim=-1), (2 * d,), eps=eps)[..., :d] * weight
 
 
 def layer_norm(dim: int, cfg: ModelConfig) -> nn.Module:
@@ -89,8 +97,11 @@ class PackedLinears:
 
     @staticmethod
     def unpack(linears: list[nn.Linear]) -> None:
-        """Give every parameter its own contiguous storage again."""
+        """Give every parameter its own contiguous storage again (linears replaced since, e.g. by
+        quantized ones, hold their own)."""
         for lin in linears:
+            if type(lin) is not nn.Linear:
+                continue
             lin.weight.data = lin.weight.data.contiguous().clone()
             if lin.bias is not None:
                 lin.bias.data = lin.bias.data.clone()
