@@ -102,7 +102,7 @@ class PackedLinears:
         for lin in linears:
             if type(lin) is not nn.Linear:
                 continue
-            lin.weight.data = lin.weight.data.contiguous().clone()
+            lin.weight.data = lin.weight.data.clone(memory_format=torch.contiguous_format)
             if lin.bias is not None:
                 lin.bias.data = lin.bias.data.clone()
 
