@@ -268,9 +268,16 @@ def test_queue_full_is_429_with_retry_after(model_dir):
         assert wait_until_idle(state)
 
 
-def test_client_disconnect_mid_stream_frees_blocks(server):
+def test_client_disconnect_mid_stream_frees_blocks(server, monkeypatch):
     url, state = server
     engine = state.engine
+    step = engine.step
+
+    def slow_step():  # 80 tokens then take seconds, so the pause below always lands mid-generation
+        time.sleep(0.02)
+        return step()
+
+    monkeypatch.setattr(engine, "step", slow_step)
     before = engine.generated
     body = {"model": "tiny", "prompt": "hello", "max_tokens": 80, "temperature": 0, "stream": True, "ignore_eos": True}
     paused = threading.Event()
