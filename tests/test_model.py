@@ -358,8 +358,11 @@ def test_decoding_layout_keeps_values_and_round_trips(tmp_path, tied: bool) -> N
 
 
 def test_decoding_layout_still_trains() -> None:
-    model = build(small_config())
-    model.use_decoding_layout()
+    from slmkit.generation import generate_ids
+
+    model = build(small_config(mlp="swiglu"))
+    generate_ids(model, [[1, 2, 3]], 4)  # lays the weights out for decoding, from inside inference mode
+    assert not model.layers[0].mlp.up_proj.weight.is_contiguous()
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     x = ids(2, 10)
