@@ -116,8 +116,9 @@ def _require_onnx() -> None:
             raise MissingExtraError(module, "onnx") from None
 
 
-def export_decoder(model: Transformer, path: Path, opset: int | None = None) -> None:
-    """torch.export (dynamo) -> ONNX with dynamic batch, sequence and past-sequence axes."""
+def export_decoder(model: Transformer, path: Path, opset: int | None = None, external_data: bool = False) -> None:
+    """torch.export (dynamo) -> ONNX with dynamic batch, sequence and past-sequence axes;
+    `external_data` puts the weights beside it in `path`.data (needed past protobuf's 2 GiB)."""
     from torch.export import Dim
 
     cfg = model.cfg
@@ -139,7 +140,7 @@ def export_decoder(model: Transformer, path: Path, opset: int | None = None) -> 
             input_names=input_names(cfg.n_layers), output_names=output_names(cfg.n_layers),
             opset_version=opset, verbose=False,
         )
-    program.save(str(path), external_data=sum(p.numel() * p.element_size() for p in model.parameters()) > EXTERNAL_DATA_BYTES)
+    program.save(str(path), external_data=external_data)
 
 
 @contextlib.contextmanager
@@ -256,7 +257,7 @@ def export_onnx(
             build_fused_decoder(model, fp32, opset, external_data=large)
             names = ([*FUSED_INPUTS, *past_names(model.cfg.n_layers)], output_names(model.cfg.n_layers))
         else:
-            export_decoder(model, fp32, opset)
+            export_decoder(model, fp32, opset, external_data=large)
             names = (input_names(model.cfg.n_layers), output_names(model.cfg.n_layers))
         difference = max_difference(model, fp32)
         if not difference <= tolerance:

@@ -167,12 +167,13 @@ class Transformer(nn.Module):
         groups = [(m, [getattr(m, name) for name in m.PACKED]) for m in self.modules() if hasattr(m, "PACKED")]
         with torch.inference_mode(False), torch.no_grad():
             for module, linears in groups:
-                packed = module.__dict__.get("packed")
-                if on and (packed is None or not packed.current(linears)) and PackedLinears.packable(linears):
-                    module.packed = PackedLinears(linears)
-                elif not on and packed is not None:
+                packed = module.__dict__.pop("packed", None)
+                if on and packed is not None and packed.current(linears):
+                    module.packed = packed
+                elif packed is not None:  # switched off, or gone stale: no parameter may still share storage
                     PackedLinears.unpack(linears)
-                    del module.packed
+                if on and "packed" not in module.__dict__ and PackedLinears.packable(linears):
+                    module.packed = PackedLinears(linears)
             for module in self.modules():
                 if type(module) is not nn.Linear or module.out_features <= module.in_features:
                     continue
