@@ -8,6 +8,12 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH := torch==2.13.0
+# llama-cpp-python compiles llama.cpp on install. pip caches the built wheel and reuses it on any machine, so a
+# wheel built for one CPU's instruction set crashes another ("Illegal instruction"). Build a portable one
+# (AVX2 baseline, no -march=native) once per machine into our own wheel folder and install that.
+LLAMA_CPP := llama-cpp-python==0.3.36
+LLAMA_CPP_CMAKE := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DLLAMA_CURL=OFF
+WHEELS ?= $(HOME)/.cache/slmkit/wheels/llama-cpp-portable
 PYTEST_ARGS ?= -n auto -q -m "not slow"
 
 .PHONY: quickstart test test-slow bench clean
@@ -22,6 +28,11 @@ $(VENV)/.installed-quickstart: pyproject.toml | $(BIN)/python
 
 $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet $(TORCH)
+	@ls $(WHEELS)/llama_cpp_python-*.whl >/dev/null 2>&1 || { \
+	  echo "building a portable llama-cpp-python wheel (once per machine, ~6 minutes on 2 cores)"; \
+	  CMAKE_ARGS="$(LLAMA_CPP_CMAKE)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/pip wheel --quiet --no-deps \
+	    --no-binary llama-cpp-python --no-cache-dir $(LLAMA_CPP) -w $(WHEELS).tmp && mv $(WHEELS).tmp $(WHEELS); }
+	$(BIN)/pip install --quiet $(WHEELS)/llama_cpp_python-*.whl
 	$(BIN)/pip install --quiet -e ".[dev]"
 	touch $@
 
