@@ -40,3 +40,14 @@ def verdict(tmp_path_factory) -> Path:
 
     text = shared_path("the-verdict", "the-verdict.txt").read_text(encoding="utf-8")
     return make_data(text, tmp_path_factory.mktemp("verdict"), 512)
+
+
+def assert_close(actual, expected, tol: float) -> None:
+    """`actual` equals `expected` up to float32 rounding, which scales with the values compared:
+    elementwise |actual - expected| <= tol * max(1, max |expected|). A bare `tol` is not enough for
+    logits of size ~4: their sums run in another order on AVX-512 than on AVX2, and even an entry
+    near 0 carries the rounding of the large terms it was summed from."""
+    import torch
+
+    scale = max(1.0, expected.abs().max().item())
+    torch.testing.assert_close(actual, expected, atol=tol * scale, rtol=0)

@@ -14,7 +14,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from conftest import shared_path
+from conftest import assert_close, shared_path
 from test_tokenizer_hf import BUILTIN, hf_trained
 
 import slmkit
@@ -118,8 +118,7 @@ def hf_greedy(model, prompt: list[int], n: int = 20) -> list[int]:
 def assert_same_model(hf, ours: Transformer) -> None:
     ids = torch.randint(0, ours.cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        diff = (hf(ids).logits - ours(ids)).abs().max().item()
-    assert diff <= TOL, diff
+        assert_close(ours(ids), hf(ids).logits, TOL)
     prompt = ids[0, :8].tolist()
     assert generate_ids(ours, [prompt], 20, SamplingParams(temperature=0.0))[0] == hf_greedy(hf, prompt)
 

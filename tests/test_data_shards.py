@@ -1,4 +1,5 @@
-"""Token shards: layout, determinism, the split, dedup on a real corpus, and all-or-nothing output."""
+"""Token shards: layout, determinism, the split (long documents cut first), dedup on a real corpus,
+the tokenizer kept beside the shards, and all-or-nothing output."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from hypothesis import strategies as st
 from conftest import shared_path  # what the `shared` fixture returns, usable at module scope
 from slmkit.data import load_shards, prepare, read_manifest
 from slmkit.data.clean import content_key
-from slmkit.data.shards import ShardWriter, split_of, token_dtype
+from slmkit.data.shards import MAX_DOC_CHARS, ShardWriter, cut_document, split_of, token_dtype
 from slmkit.errors import InputError, OutputExistsError
 
 PEPS = ("python-peps", "peps_final_active_accepted.jsonl")
@@ -31,6 +32,10 @@ class ByteTokenizer:
 
     def fingerprint(self) -> str:
         return f"bytes-{self.vocab_size}"
+
+    def save(self, directory: Path) -> Path:
+        (directory / "bytes-tokenizer.json").write_text(json.dumps({"vocab_size": self.vocab_size}))
+        return directory
 
 
 def write_jsonl(path: Path, texts: list[str]) -> Path:
@@ -162,7 +167,8 @@ def test_peps_are_reproducible(tmp_path, peps_docs, bpe, peps_shards):
     assert other_manifest["splits"]["val"] != manifest["splits"]["val"]
     assert not np.array_equal(stream_of(other, "val"), stream_of(first, "val"))
     total = sum(s["documents"] for s in manifest["splits"].values())
-    assert total == sum(s["documents"] for s in other_manifest["splits"].values()) == 404
+    pieces = sum(len(cut_document(d, MAX_DOC_CHARS)) for d in peps_docs[1])
+    assert total == sum(s["documents"] for s in other_manifest["splits"].values()) == pieces > 404
 
 
 def test_peps_manifest_and_eot(peps_docs, bpe, peps_shards):
@@ -171,22 +177,121 @@ def test_peps_manifest_and_eot(peps_docs, bpe, peps_shards):
     assert manifest["dtype"] == "uint16"
     assert manifest["tokenizer"]["fingerprint"] == bpe.fingerprint()
     assert manifest["sources"][0]["documents"] == 404
+    long = [d for d in peps_docs[1] if len(d) > MAX_DOC_CHARS]
+    assert manifest["long_documents"] == {"max_chars": MAX_DOC_CHARS, "documents": len(long),
+                                          "pieces": sum(len(cut_document(d, MAX_DOC_CHARS)) for d in long)}
+    assert result.cut.documents == len(long) > 100  # half the PEPs are longer than 10,000 characters
     for split in ("train", "val"):
         info = manifest["splits"][split]
         stream = stream_of(out, split)
         assert info["tokens"] == len(stream) == sum(s["tokens"] for s in info["shards"])
         assert int((stream == bpe.eot_id).sum()) == info["documents"]  # ordinary text never encodes to EOT
         assert stream[-1] == bpe.eot_id
-    assert 8 <= manifest["splits"]["val"]["documents"] <= 35  # 5% of 404 is 20
+    pieces = sum(s["documents"] for s in manifest["splits"].values())
+    assert abs(manifest["splits"]["val"]["documents"] - 0.05 * pieces) < 4 * (0.05 * 0.95 * pieces) ** 0.5
 
     train = stream_of(out, "train")
-    first_train = next(d for d in peps_docs[1] if split_of(d, 0, 0.05) == "train")
+    first_train = next(p for d in peps_docs[1] for p in cut_document(d, MAX_DOC_CHARS) if split_of(p, 0, 0.05) == "train")
     first_eot = int(np.argmax(train == bpe.eot_id))
     assert bpe.decode(train[:first_eot].tolist()) == first_train
 
     table = result.summary_table()
-    for word in ("nfc", "exact_dedup", "train", "val", "bytes/token", "uint16"):
+    for word in ("nfc", "exact_dedup", "train", "val", "bytes/token", "uint16", f"{len(long)} over 10,000 chars"):
         assert word in table
+
+
+# ---------------------------------------------------------------------------- long documents
+def long_text(lines: int = 400) -> str:
+    """Lines of 7 to 57 characters, a blank line after every seventh."""
+    return "".join(f"line {i:03d} " + "word " * (i % 11) + ("\n\n" if i % 7 == 6 else "\n") for i in range(lines))
+
+
+def test_cut_document_at_paragraph_then_line_breaks():
+    text = long_text()
+    pieces = cut_document(text, 1000)  # paragraphs are under 420 characters: one ends in every second half
+    assert "".join(pieces) == text and len(pieces) == 16
+    assert all(p.endswith("\n\n") and 500 < len(p) <= 1000 for p in pieces[:-1])
+    for piece, after in zip(pieces, pieces[1:]):
+        assert len(piece) + len(after.split("\n\n")[0]) + 2 > 1000  # the last paragraph break that fits
+
+    lines = text.replace("\n\n", "\n")
+    pieces = cut_document(lines, 1000)
+    assert "".join(pieces) == lines
+    for piece, after in zip(pieces, pieces[1:]):
+        assert piece.endswith("\n") and len(piece) <= 1000 < len(piece) + len(after.split("\n")[0]) + 1
+
+    assert cut_document("x" * 1234, 500) == ["x" * 500, "x" * 500, "x" * 234]  # no break: cut at the limit
+    assert cut_document(text, len(text)) == [text]
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=st.text(alphabet="ab \n", max_size=300), max_chars=st.integers(1, 40))
+def test_cut_pieces_concatenate_back(text, max_chars):
+    pieces = cut_document(text, max_chars)
+    assert "".join(pieces) == text
+    assert all(0 < len(p) <= max_chars for p in pieces) or pieces == [""]
+
+
+def test_one_long_document_is_spread_over_both_splits(tmp_path):
+    text = long_text()
+    (tmp_path / "book.txt").write_text(text, encoding="utf-8")
+    tok = ByteTokenizer()
+    result = prepare([tmp_path / "book.txt"], tok, tmp_path / "out", val_fraction=0.2, max_doc_chars=1000, progress=False)
+
+    pieces = cut_document(text, 1000)
+    val = documents(stream_of(tmp_path / "out", "val"), tok.eot_id)
+    train = documents(stream_of(tmp_path / "out", "train"), tok.eot_id)
+    assert val == [p for p in pieces if split_of(p, 0, 0.2) == "val"] and 0 < len(val) < len(train)
+    assert train == [p for p in pieces if split_of(p, 0, 0.2) == "train"]
+    assert read_manifest(tmp_path / "out")["long_documents"] == {"max_chars": 1000, "documents": 1, "pieces": 16}
+    assert "long documents: 1 over 1,000 chars, cut into 16 pieces" in result.summary_table()
+
+    whole = prepare([tmp_path / "book.txt"], tok, tmp_path / "whole", val_fraction=0.2, max_doc_chars=None, progress=False)
+    assert whole.splits["train"].documents == 1 and whole.splits["val"].documents == 0
+    assert "long documents: not cut" in whole.summary_table()
+    with pytest.raises(InputError, match="max_doc_chars must be positive"):
+        prepare([tmp_path / "book.txt"], tok, tmp_path / "bad", max_doc_chars=0)
+
+
+def test_tinyshakespeare_gets_a_validation_split(tmp_path):
+    path = shared_path("tinyshakespeare", "input.txt")
+    result = prepare([path], ByteTokenizer(), tmp_path / "a", progress=False)  # one document of 1,115,394 chars
+    assert result.cut.documents == 1 and result.cut.pieces == sum(s.documents for s in result.splits.values()) > 100
+    val, train = result.splits["val"].tokens, result.splits["train"].tokens
+    assert 0.03 < val / (val + train) < 0.07  # val_fraction 0.05 of ~114 pieces
+    prepare([path], ByteTokenizer(), tmp_path / "b", progress=False)
+    assert files_of(tmp_path / "a") == files_of(tmp_path / "b")  # byte-identical
+
+
+# ---------------------------------------------------------------------------- the tokenizer copy
+def test_pretrain_finds_the_tokenizer_in_the_data_directory(tmp_path, capsys):
+    from slmkit.cli import main
+    from slmkit.tokenizer import Tokenizer, train_bpe
+    from slmkit.train.config import TrainConfig
+    from slmkit.train.setup import load_tokenizer
+
+    text = long_text(2000)  # one document of about 70,000 characters
+    (tmp_path / "book.txt").write_text(text, encoding="utf-8")
+    train_bpe([text], 300).save(tmp_path / "elsewhere" / "tok")
+    data = tmp_path / "work" / "data"
+    assert main(["data", "prepare", str(tmp_path / "book.txt"), "--tokenizer", str(tmp_path / "elsewhere" / "tok"),
+                 "--out", str(data), "--val-fraction", "0.2", "-q"]) == 0
+    assert "long documents: 1 over 10,000 chars" in capsys.readouterr().out
+    assert (data / "tokenizer.json").read_bytes() == (tmp_path / "elsewhere" / "tok" / "tokenizer.json").read_bytes()
+
+    small = [f"--set={k}={v}" for k, v in {"d_model": 32, "n_layers": 1, "n_heads": 2, "context_length": 32}.items()]
+    assert main(["pretrain", "-q", "--data", str(data), "--out", str(tmp_path / "run"), *small, "--max-steps", "3",
+                 "--batch-size", "4", "--eval-every", "3", "--eval-batches", "1", "--save-every", "0", "--peak-flops", "1e11"]) == 0
+    assert Tokenizer.load(tmp_path / "run" / "final").fingerprint() == read_manifest(data)["tokenizer"]["fingerprint"]
+
+    # data prepared before the copy was kept: DATA/../tokenizer, else a one-line error
+    (data / "tokenizer.json").unlink()
+    (data / "tokenizer_config.json").unlink()
+    cfg = TrainConfig(data=str(data), out=str(tmp_path / "run2"))
+    with pytest.raises(InputError, match=r"no tokenizer given, none in .*data and none at .*tokenizer; pass --tokenizer"):
+        load_tokenizer(cfg)
+    (tmp_path / "elsewhere" / "tok").rename(tmp_path / "work" / "tokenizer")
+    assert load_tokenizer(cfg).fingerprint() == read_manifest(data)["tokenizer"]["fingerprint"]
 
 
 def test_planted_near_duplicate(tmp_path, peps_docs, bpe):
@@ -215,7 +320,7 @@ def test_existing_output_is_kept_unless_forced(tmp_path):
     assert files_of(out) == {"keep.txt": b"mine"}
 
     prepare([corpus], ByteTokenizer(), out, force=True, progress=False)
-    assert "keep.txt" not in files_of(out) and "manifest.json" in files_of(out)
+    assert "keep.txt" not in files_of(out) and "manifest.json" in files_of(out) and "bytes-tokenizer.json" in files_of(out)
 
 
 def test_failure_midway_leaves_nothing(tmp_path, monkeypatch):

@@ -42,7 +42,7 @@ def test_padding_does_not_change_a_texts_logits(tmp_path, pooling):
     assert mask[0].sum() < mask[1].sum()
     batched = model(ids, mask)
     alone = model(*encode_texts(tokenizer, texts[:1], 64))
-    torch.testing.assert_close(batched[:1], alone, atol=1e-5, rtol=0)
+    torch.testing.assert_close(batched[:1], alone, atol=1e-5 * max(1.0, alone.abs().max().item()), rtol=0)
 
 
 def test_freeze_modes():

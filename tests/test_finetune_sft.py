@@ -124,7 +124,7 @@ def test_packed_rows_give_each_example_its_own_logits(pos):
         start = rows_used.get(row, 0)
         rows_used[row] = start + n
         alone = model(torch.tensor([e.ids[:-1]]))[0]
-        assert (logits[row, start : start + n] - alone).abs().max().item() < 1e-5
+        torch.testing.assert_close(logits[row, start : start + n], alone, atol=1e-5 * max(1.0, alone.abs().max().item()), rtol=0)
         assert packed["targets"][row, start : start + n].tolist() == e.labels[1:]
     padded = pad_batch(examples, pad_id=0)
     loss = lambda batch, out: torch.nn.functional.cross_entropy(out.flatten(0, 1), batch["targets"].flatten(), ignore_index=IGNORE)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import assert_close
 from train_helpers import SMALL, losses, run
 
 from slmkit.config import ModelConfig
@@ -47,6 +48,6 @@ def test_cached_decoding_matches_full_forward_on_gpu():
     full = model(ids)
     cache = model.new_cache(2)
     steps = [model(ids[:, :24], cache=cache)] + [model(ids[:, i : i + 1], cache=cache) for i in range(24, 40)]
-    assert (torch.cat(steps, dim=1) - full).abs().max().item() < 1e-4
+    assert_close(torch.cat(steps, dim=1), full, 1e-4)
     cpu = model.cpu()(ids.cpu())
-    assert (cpu - full.cpu()).abs().max().item() < 1e-3
+    assert_close(cpu, full.cpu(), 1e-3)

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from conftest import assert_close
 
 from slmkit.config import ModelConfig
 from slmkit.errors import InputError
@@ -69,7 +70,7 @@ def test_fresh_adapter_changes_nothing_and_merge_equals_unmerged():
     adapted = model(IDS)
     assert (adapted - base).abs().max() > 1e-3
     merge(model)
-    assert (model(IDS) - adapted).abs().max() <= 1e-5
+    assert_close(model(IDS), adapted, 1e-5)
     unmerge(model)
     for n, p in model.named_parameters():
         if n in weights:
@@ -128,7 +129,7 @@ def test_unwrap_after_merge_gives_a_plain_model_with_the_merged_weights():
     assert not any(isinstance(m, LoRALinear) for m in model.modules())
     plain = tiny()
     plain.load_state_dict(model.state_dict())  # same keys as an unadapted model
-    assert (plain(IDS) - adapted).abs().max() <= 1e-5
+    assert_close(plain(IDS), adapted, 1e-5)
 
 
 def test_qlora_int8_base_is_close_frozen_and_trains():

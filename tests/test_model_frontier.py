@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import assert_close
 from train_helpers import train_on_a_cycle
 
 from slmkit.config import ModelConfig
@@ -52,8 +53,8 @@ def test_absorbed_mla_equals_naive(attention: str, q_lora_rank: int | None) -> N
     mask = torch.ones_like(x)
     mask[1, :6] = 0  # left padding
     with torch.no_grad():
-        assert max_diff(naive(x), absorbed(x)) <= 1e-5
-        assert max_diff(naive(x, attention_mask=mask), absorbed(x, attention_mask=mask)) <= 1e-5
+        assert_close(absorbed(x), naive(x), 1e-5)
+        assert_close(absorbed(x, attention_mask=mask), naive(x, attention_mask=mask), 1e-5)
 
 
 @pytest.mark.parametrize("absorb", [False, True], ids=["naive", "absorbed"])
@@ -64,7 +65,7 @@ def test_mla_cached_decoding_equals_full_forward(absorb: bool) -> None:
         full = model(x)
         cache = model.new_cache(2)
         steps = [model(x[:, :5], cache=cache)] + [model(x[:, i : i + 1], cache=cache) for i in range(5, 16)]
-    assert max_diff(full, torch.cat(steps, dim=1)) <= 1e-5
+    assert_close(torch.cat(steps, dim=1), full, 1e-5)
 
 
 def test_mla_cache_holds_only_the_latent_and_the_rope_key() -> None:
@@ -112,8 +113,9 @@ def test_sorted_dispatch_equals_dense_reference(router: str, capacity_factor: fl
     layer.reference = True
     slow = layer(x)
     grads_slow = torch.autograd.grad(slow.square().sum(), [x, *layer.parameters()])
-    assert max_diff(fast, slow) <= 1e-5
-    assert all(max_diff(a, b) <= 1e-4 for a, b in zip(grads_fast, grads_slow))
+    assert_close(fast, slow, 1e-5)
+    for a, b in zip(grads_fast, grads_slow):
+        assert_close(a, b, 1e-4)
 
 
 def test_capacity_drops_late_tokens_and_caps_every_expert() -> None:
@@ -129,7 +131,7 @@ def test_capacity_drops_late_tokens_and_caps_every_expert() -> None:
         assert not (order[1:] & ~order[:-1]).any()
     dropless = kept_assignments(routing, None)
     assert dropless.all()
-    assert max_diff(dispatch(x, routing, layer.experts, keep), dense_reference(x, routing, layer.experts, keep)) <= 1e-5
+    assert_close(dispatch(x, routing, layer.experts, keep), dense_reference(x, routing, layer.experts, keep), 1e-5)
     assert max_diff(dispatch(x, routing, layer.experts, kept_assignments(routing, 10**6)),
                     dispatch(x, routing, layer.experts, dropless)) == 0
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import assert_close
 
 from slmkit.config import ModelConfig
 from slmkit.model import Transformer
@@ -53,10 +54,10 @@ def compare(cfg: ModelConfig, hf: torch.nn.Module) -> None:
     ids = torch.randint(0, cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = hf(ids).logits
-        assert (ours(ids) - expected).abs().max().item() <= TOL
+        assert_close(ours(ids), expected, TOL)
         absorbed = Transformer(cfg.replace(mla_absorb=True)).eval()
         absorbed.load_state_dict(ours.state_dict())
-        assert (absorbed(ids) - expected).abs().max().item() <= TOL
+        assert_close(absorbed(ids), expected, TOL)
 
 
 @pytest.mark.parametrize("q_lora_rank", [None, 24], ids=["q-full", "q-lora"])

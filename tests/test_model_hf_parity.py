@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import assert_close
 
 from slmkit.config import ModelConfig
 from slmkit.model import Transformer
@@ -96,16 +97,16 @@ def test_llama_logits_match_transformers(case: str) -> None:
     mask[1, :7] = 0  # left padding in the second row
     with torch.no_grad():
         expected = hf(ids).logits
-        assert (ours(ids) - expected).abs().max().item() <= TOL
+        assert_close(ours(ids), expected, TOL)
         expected_padded = hf(ids, attention_mask=mask).logits
         got_padded = ours(ids, attention_mask=mask)
     # HF gives padded rows unshifted positions unless position_ids are passed; compare the unpadded row
     # and the padded row's real tokens against HF with explicit position ids.
-    assert (got_padded[0] - expected_padded[0]).abs().max().item() <= TOL
+    assert_close(got_padded[0], expected_padded[0], TOL)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
         expected_padded = hf(ids, attention_mask=mask, position_ids=positions).logits
-    assert (got_padded[1, 7:] - expected_padded[1, 7:]).abs().max().item() <= TOL
+    assert_close(got_padded[1, 7:], expected_padded[1, 7:], TOL)
 
 
 def test_gpt2_logits_match_transformers() -> None:
@@ -121,4 +122,4 @@ def test_gpt2_logits_match_transformers() -> None:
     ours = load_into(cfg, gpt2_weights(hf.state_dict(), cfg.n_layers))
     ids = random_ids(cfg.vocab_size)
     with torch.no_grad():
-        assert (ours(ids) - hf(ids).logits).abs().max().item() <= TOL
+        assert_close(ours(ids), hf(ids).logits, TOL)

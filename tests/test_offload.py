@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_close
 from tiny_models import model_dir as make_model_dir
 
 import slmkit
@@ -72,5 +73,5 @@ def test_offload_to_cuda_streams_blocks_on_a_side_stream(model_dir):
     with torch.inference_mode():
         got = offloaded(ids.cuda()).cpu()
         expected = model.cuda()(ids.cuda()).cpu()
-    assert (got - expected).abs().max() < 1e-5
+    assert_close(got, expected, 1e-5)
     assert offload_stats(offloaded).peak_device_bytes > 0

@@ -16,6 +16,7 @@ def cmd_data_prepare(args: argparse.Namespace) -> None:
         Tokenizer.load(args.tokenizer),
         args.out,
         val_fraction=args.val_fraction,
+        max_doc_chars=args.max_doc_chars or None,
         dedup=args.dedup,
         min_chars=args.min_chars,
         max_nonalnum_ratio=args.max_nonalnum_ratio,
@@ -42,6 +43,9 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
     p.add_argument("--tokenizer", required=True, metavar="DIR", help="tokenizer directory")
     p.add_argument("--out", required=True, help="output directory (must not exist unless --force)")
     p.add_argument("--val-fraction", type=float, default=0.05, help="share of documents held out for validation (default: 0.05)")
+    p.add_argument("--max-doc-chars", type=int, default=10_000, metavar="N",
+                   help="cut longer documents into pieces at paragraph or line breaks before the split, so that "
+                        "one long text still gets a validation share; 0 never cuts (default: 10000)")
     p.add_argument("--dedup", choices=["none", "exact", "near"], default="exact",
                    help="remove exact duplicates, or also near-duplicates by MinHash LSH (default: exact)")
     p.add_argument("--near-threshold", type=float, default=0.8, help="Jaccard similarity that counts as a near duplicate (default: 0.8)")

@@ -47,7 +47,7 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
     p.add_argument("--recipe", metavar="FILE", default=None, help="YAML or JSON file with the same keys as the flags")
     p.add_argument("--preset", help="model preset (default: tiny)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a model config field (repeatable)")
-    p.add_argument("--tokenizer", metavar="DIR", help="tokenizer the data was prepared with (default: the --init model's, else DATA/../tokenizer)")
+    p.add_argument("--tokenizer", metavar="DIR", help="tokenizer the data was prepared with (default: the --init model's, else the copy in DATA)")
     p.add_argument("--init", metavar="MODEL_DIR", help="continue pretraining this model directory")
     p.add_argument("--max-steps", type=int, help="optimizer steps (default: 1000); the LR schedule ends here")
     p.add_argument("--max-minutes", type=float, help="stop (with a checkpoint) after this many minutes")

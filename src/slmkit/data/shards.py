@@ -4,11 +4,15 @@
       train_000000.npy ...   token ids, end-of-text after every document, uint16 (or uint32)
       val_000000.npy ...     the same for the validation documents
       manifest.json          tokenizer, dtype, counts, sources, cleaning parameters and report
+      tokenizer.json ...     a copy of the tokenizer, so that training finds it wherever its source lives
 
 The corpus is streamed: documents are cleaned one at a time, tokenized in batches of about a
 megabyte, and appended to one shard buffer per split that is written out whenever it fills.
 Each document goes to train or val by a seeded hash of its content, so the split does not depend
 on the order or the parallelism of processing; same inputs and seed give byte-identical output.
+A document longer than `max_doc_chars` (a book, a log file, a corpus that is one long text) is
+first cut into pieces at paragraph or line breaks, each a document of its own, so that it too
+is spread over both splits.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Protocol
+from typing import Iterable, Iterator, Protocol
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -33,6 +37,9 @@ MANIFEST = "manifest.json"
 FORMAT = "slmkit-token-shards"
 SHARD_TOKENS = 100_000_000  # as nanoGPT's FineWeb shards: 200 MB of uint16 per file
 _BATCH_CHARS = 1 << 20  # text handed to the batch encoder at once
+# About 2,500 tokens of English: a few training windows of a small model per piece, and ~100
+# pieces from a 1 MB book, enough for a 5% validation split.
+MAX_DOC_CHARS = 10_000
 
 
 class BatchTokenizer(Protocol):
@@ -45,10 +52,12 @@ class BatchTokenizer(Protocol):
 
     def fingerprint(self) -> str: ...
 
+    def save(self, directory: Path) -> Path: ...
+
 
 @dataclass
 class SplitStats:
-    documents: int = 0
+    documents: int = 0  # each piece of a cut document counts as one
     tokens: int = 0  # end-of-text tokens included
     text_bytes: int = 0  # UTF-8 bytes of the documents, for bytes per token
     shards: list[int] = field(default_factory=list)  # tokens in each shard file
@@ -61,11 +70,24 @@ class SplitStats:
 
 
 @dataclass
+class CutReport:
+    """The documents longer than `max_chars` and the pieces they were cut into."""
+
+    max_chars: int | None
+    documents: int = 0
+    pieces: int = 0
+
+    def to_dict(self) -> dict:
+        return {"max_chars": self.max_chars, "documents": self.documents, "pieces": self.pieces}
+
+
+@dataclass
 class PrepareResult:
     out: Path
     dtype: str
     splits: dict[str, SplitStats]
     cleaning: CleanReport
+    cut: CutReport
     manifest: dict
 
     def summary_table(self) -> str:
@@ -82,6 +104,11 @@ class PrepareResult:
         read = f"sources: {len(sources)} file(s), {sum(f['bytes'] for f in sources):,} bytes"
         if skipped := len(self.manifest["skipped_files"]):
             read += f"; {skipped} file(s) of unknown type skipped"
+        if self.cut.max_chars is None:
+            read += "\nlong documents: not cut"
+        else:
+            read += (f"\nlong documents: {self.cut.documents:,} over {self.cut.max_chars:,} chars, "
+                     f"cut into {self.cut.pieces:,} pieces")
         return f"{read}\n\n{_table(steps)}\n\n{_table(splits)}\n\n{self.dtype} shards in {self.out}"
 
 
@@ -91,6 +118,7 @@ def prepare(
     out: PathLike,
     *,
     val_fraction: float = 0.05,
+    max_doc_chars: int | None = MAX_DOC_CHARS,
     dedup: str = "exact",
     min_chars: int = CleanConfig.min_chars,
     max_nonalnum_ratio: float | None = CleanConfig.max_nonalnum_ratio,
@@ -105,10 +133,13 @@ def prepare(
 ) -> PrepareResult:
     """Read, clean, split and tokenize a corpus into token shards under `out` (see module doc).
 
-    Nothing is written unless everything succeeds; an existing `out` is replaced only with `force`.
+    `max_doc_chars` None never cuts a document. Nothing is written unless everything succeeds;
+    an existing `out` is replaced only with `force`.
     """
     if not 0.0 <= val_fraction < 1.0:
         raise InputError(f"val_fraction must be in [0, 1), not {val_fraction}")
+    if max_doc_chars is not None and max_doc_chars < 1:
+        raise InputError(f"max_doc_chars must be positive (or None to never cut), not {max_doc_chars}")
     if shard_tokens < 1:
         raise InputError(f"shard_tokens must be positive, not {shard_tokens}")
     config = CleanConfig(
@@ -120,6 +151,7 @@ def prepare(
     )
     corpus = Corpus(paths, text_field=text_field, errors=errors)
     cleaner = Cleaner(config)
+    cut = CutReport(max_doc_chars)
     dtype = token_dtype(tokenizer.vocab_size)
     eot = tokenizer.eot_id
     splits = {name: SplitStats() for name in SPLITS}
@@ -127,7 +159,7 @@ def prepare(
     with atomic_dir(out, force) as tmp:
         writers = {name: ShardWriter(tmp, name, dtype, shard_tokens) for name in SPLITS}
         with tqdm(desc="tokenizing", unit="doc", disable=not progress) as bar:
-            for batch in batched_by_chars(cleaner(corpus), _BATCH_CHARS):
+            for batch in batched_by_chars(cut_long_documents(cleaner(corpus), cut), _BATCH_CHARS):
                 tokens: dict[str, list[int]] = {name: [] for name in SPLITS}
                 for text, ids in zip(batch, tokenizer.encode_ordinary_batch(batch)):
                     name = split_of(text, seed, val_fraction)
@@ -154,6 +186,7 @@ def prepare(
             "shard_tokens": shard_tokens,
             "seed": seed,
             "val_fraction": val_fraction,
+            "long_documents": cut.to_dict(),
             "splits": {
                 name: {
                     "documents": s.documents,
@@ -170,7 +203,8 @@ def prepare(
             "cleaning": cleaner.report.to_dict(),
         }
         write_json(tmp / MANIFEST, manifest)
-    return PrepareResult(Path(out), dtype.name, splits, cleaner.report, manifest)
+        tokenizer.save(tmp)
+    return PrepareResult(Path(out), dtype.name, splits, cleaner.report, cut, manifest)
 
 
 class ShardWriter:
@@ -207,6 +241,40 @@ class ShardWriter:
 def token_dtype(vocab_size: int) -> np.dtype:
     """The smallest unsigned integer type that holds every id of the vocabulary."""
     return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
+
+
+def cut_long_documents(texts: Iterable[str], report: CutReport) -> Iterator[str]:
+    """`texts` with every one longer than `report.max_chars` replaced by its pieces, counted in `report`."""
+    for text in texts:
+        if report.max_chars is None or len(text) <= report.max_chars:
+            yield text
+            continue
+        pieces = cut_document(text, report.max_chars)
+        report.documents += 1
+        report.pieces += len(pieces)
+        yield from pieces
+
+
+def cut_document(text: str, max_chars: int) -> list[str]:
+    """`text` in pieces of at most `max_chars` that concatenate back to it.
+
+    Each piece ends after the last paragraph break (blank line) in the second half of its span,
+    else after the last line break there, else at exactly `max_chars`: pieces stay near the limit,
+    and the cut depends on the text alone.
+    """
+    pieces = []
+    start = 0
+    while len(text) - start > max_chars:
+        end = start + max_chars
+        for sep in ("\n\n", "\n"):
+            at = text.rfind(sep, start + max_chars // 2, end)
+            if at >= 0:
+                end = at + len(sep)
+                break
+        pieces.append(text[start:end])
+        start = end
+    pieces.append(text[start:])
+    return pieces
 
 
 def split_of(text: str, seed: int, val_fraction: float) -> str:

@@ -25,7 +25,7 @@ class TrainConfig:
     out: str  # run directory
     preset: str = "tiny"
     model: dict[str, Any] = field(default_factory=dict)  # ModelConfig overrides (`--set k=v`)
-    tokenizer: str | None = None  # None: the --init model's, else DATA/../tokenizer
+    tokenizer: str | None = None  # None: the --init model's, else the copy in DATA (see setup.load_tokenizer)
     init: str | None = None  # a model directory to continue pretraining from
     max_steps: int = 1000
     max_minutes: float | None = None  # stop earlier (after a final checkpoint) when time is up

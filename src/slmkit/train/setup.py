@@ -16,15 +16,19 @@ from slmkit.train.config import TrainConfig
 
 
 def load_tokenizer(cfg: TrainConfig) -> Tokenizer:
-    """--tokenizer, else the --init model's, else DATA/../tokenizer; its hash must match the data's."""
+    """--tokenizer, else the --init model's, else the copy `data prepare` keeps in DATA, else
+    DATA/../tokenizer (data prepared before that copy was kept); its hash must match the data's."""
     if cfg.tokenizer:
         source = Path(cfg.tokenizer)
     elif cfg.init:
         source = Path(cfg.init)
+    elif (Path(cfg.data) / "tokenizer.json").is_file():
+        source = Path(cfg.data)
     else:
         source = Path(cfg.data).resolve().parent / "tokenizer"
         if not source.is_dir():
-            raise InputError(f"no tokenizer given and none at {source}; pass --tokenizer DIR (the one the data was prepared with)")
+            raise InputError(f"no tokenizer given, none in {cfg.data} and none at {source}; "
+                             "pass --tokenizer DIR (the one the data was prepared with)")
     tokenizer = Tokenizer.load(source)
     check_same_tokenizer(tokenizer, cfg.data, str(source))
     if cfg.init and cfg.tokenizer:
