@@ -191,6 +191,8 @@ def quantize(
     settings = {k: v for k, v in section.items() if k not in ("method", "modules", "smoothed", "group_sizes")}
     if "group_size" in settings and settings["group_size"] is None:
         settings["group_size"] = "per tensor" if method == "fp8" else "per channel"
+    if chosen:
+        settings["group_size"] = chosen
     with atomic_dir(out, force=force) as tmp:
         for path in Path(model_dir).iterdir():  # tokenizer, generation settings, labels
             if path.is_file() and path.name not in _MODEL_FILES and not path.name.endswith(".safetensors") \
@@ -201,8 +203,6 @@ def quantize(
                              after.perplexity, tps_before, tps_after, before.tokens, [str(p) for p in eval_paths],
                              calibration, device=str(model.embed_tokens.weight.device),
                              dtype=str(model.embed_tokens.weight.dtype).removeprefix("torch."))
-        if chosen:
-            report.settings["group_size"] = chosen
         if not math.isfinite(after.perplexity):
             report.notes.append("The quantized model's perplexity is not finite: its outputs overflow.")
         if eval_paths == list(calib or []):
