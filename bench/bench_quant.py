@@ -29,9 +29,9 @@ import torch.nn.functional as F
 from slmkit.eval.perplexity import perplexity_of_texts
 from slmkit.model.io import load, save_model_dir
 from slmkit.quant import quantize_model
-from slmkit.quant.api import decode_tokens_per_s, held_out_texts, weights_bytes
 from slmkit.quant.calibration import calibration_windows
-from slmkit.quant.linear import target_linears
+from slmkit.quant.quantize_dir import decode_tokens_per_s, held_out_texts, weights_bytes
+from slmkit.quant.targets import BLOCKS, linear_targets
 
 METHODS = [  # name, method, options
     ("int8 RTN (per channel)", "int8", {}),
@@ -98,7 +98,7 @@ def kernel_row(n: int, k: int, m: int) -> dict:
 def method_rows(args: argparse.Namespace) -> list[dict]:
     """One row per method: size on disk, held-out perplexity, decode tokens/s against fp32."""
     base, tokenizer = load(args.model)
-    dims = sorted({m.in_features for m in target_linears(base).values()})
+    dims = sorted({m.in_features for m in linear_targets(base, include=BLOCKS).values()})
     group = next(g for g in (args.group_size, 128, 64, 32, 16) if g and all(d % g == 0 for d in dims))
     seq_len = min(512, base.cfg.context_length)
     if args.eval:

@@ -11,14 +11,12 @@ from conftest import assert_close
 from slmkit.config import ModelConfig
 from slmkit.errors import InputError
 from slmkit.model.lora import (
-    Int8Linear,
     LoRALinear,
     adapter_size_bytes,
     adapters_disabled,
     inject_lora,
     load_adapter,
     merge,
-    quantize_int8,
     save_adapter,
     set_adapter,
     trainable_parameters,
@@ -26,6 +24,8 @@ from slmkit.model.lora import (
     unwrap,
 )
 from slmkit.model.transformer import Transformer
+from slmkit.quant.linear import QuantizedLinear
+from slmkit.quant.methods import quantize_int8
 from slmkit.train.optim import build_optimizer
 
 
@@ -136,7 +136,8 @@ def test_qlora_int8_base_is_close_frozen_and_trains():
     model = tiny()
     reference = model(IDS)
     assert quantize_int8(model) == 2 * 7
-    assert all(m.qweight.dtype == torch.int8 for m in model.modules() if isinstance(m, Int8Linear))
+    int8 = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    assert len(int8) == 2 * 7 and all(m.qweight.dtype == torch.int8 and m.scales.shape[1] == 1 for m in int8)
     assert (model(IDS) - reference).abs().max() < 0.05 * reference.abs().max()
     inject_lora(model, rank=4)
     trainable, _ = trainable_parameters(model)

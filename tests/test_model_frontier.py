@@ -11,7 +11,7 @@ from slmkit.config import ModelConfig
 from slmkit.errors import InputError
 from slmkit.generation.decode import sample
 from slmkit.generation.sampling import SamplingParams
-from slmkit.model import Transformer, fp8
+from slmkit.model import Transformer
 from slmkit.model.inspect import count_parameters, kv_cache_bytes_per_token
 from slmkit.model.moe import (
     MoE,
@@ -22,6 +22,9 @@ from slmkit.model.moe import (
     kept_assignments,
 )
 from slmkit.model.mtp import speculative_greedy
+from slmkit.quant import fp8
+from slmkit.quant.linear import FP8Linear, FP8TrainingLinear, use_fp8_linears
+from slmkit.quant.methods import quantize_model
 from slmkit.train.objectives.lm import LanguageModeling, multi_token_loss
 
 SMALL = dict(vocab_size=97, context_length=48, d_model=32, n_layers=2, n_heads=4, init_std=0.3)
@@ -267,8 +270,8 @@ def test_fp8_linear_forward_and_gradients_stay_close_to_fp32(granularity: str) -
     x = torch.randn(4, 32, 256, requires_grad=True)
     y_ref = linear(x)
     gx_ref, gw_ref, gb_ref = torch.autograd.grad(y_ref.square().sum(), [x, linear.weight, linear.bias])
-    fp8.use_fp8_linears(torch.nn.Sequential(linear), granularity)
-    assert isinstance(linear, fp8.FP8Linear)
+    use_fp8_linears(torch.nn.Sequential(linear), granularity)
+    assert isinstance(linear, FP8TrainingLinear)
     y = linear(x)
     gx, gw, gb = torch.autograd.grad(y.square().sum(), [x, linear.weight, linear.bias])
 
@@ -311,10 +314,11 @@ def test_fp8_model_trains_and_fp8_weight_storage_and_kv_cache() -> None:
         assert cache.nbytes() < dense.new_cache(4).nbytes() / 2  # 1 byte per value + one fp32 scale per vector
         # e4m3 rounds each value by up to 2^-4 relative; two layers of large random weights compound it
         assert ((stepped - expected).norm() / expected.norm()).item() <= 0.1
-        stored = fp8.store_weights_fp8(dense)
-        assert ((stored(x) - expected).norm() / expected.norm()).item() <= 0.15
-    fp8_bytes = sum(b.nbytes for n, b in stored.named_buffers() if n.endswith("weight_fp8"))
-    assert fp8_bytes == sum(m.out_features * m.in_features for m in stored.modules() if isinstance(m, fp8.FP8WeightLinear))
+        quantize_model(dense, "fp8")  # fp8 weight storage for inference
+        assert ((dense(x) - expected).norm() / expected.norm()).item() <= 0.15
+    fp8_bytes = sum(b.nbytes for n, b in dense.named_buffers() if n.endswith("qweight"))
+    stored = [m for m in dense.modules() if isinstance(m, FP8Linear)]
+    assert stored and fp8_bytes == sum(m.out_features * m.in_features for m in stored)
 
 
 # ---------------------------------------------------------------------------- presets and counting

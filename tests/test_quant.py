@@ -22,11 +22,12 @@ from slmkit.model import Transformer
 from slmkit.model.io import load, load_model, save_model_dir
 from slmkit.quant import quantize, quantize_model
 from slmkit.quant.calibration import calibration_windows
-from slmkit.quant.fp8 import quantize_fp8
+from slmkit.quant import fp8
 from slmkit.quant.gptq import gptq_quantize
-from slmkit.quant.linear import QuantizedLinear, W8A8Linear, target_linears
+from slmkit.quant.linear import QuantizedLinear, W8A8Linear
 from slmkit.quant.rtn import dequantize, pack_int4, quantize_rtn, unpack_int4
 from slmkit.quant.smoothquant import activation_maxima, smooth
+from slmkit.quant.targets import BLOCKS, linear_targets
 from slmkit.tokenizer import train_bpe
 
 WORDS = {"noun": ["cat", "dog", "bird", "fish", "horse", "mouse", "tree", "river", "stone", "cloud"],
@@ -116,7 +117,7 @@ def test_fp8_keeps_three_mantissa_bits():
     torch.manual_seed(0)
     w = torch.randn(32, 64)
     for group_size in (None, 16):
-        q, scales = quantize_fp8(w, group_size)
+        q, scales = fp8.quantize(w, fp8.E4M3, None if group_size is None else (1, group_size))
         assert q.dtype == torch.float8_e4m3fn and q.float().abs().max() == 448
         scale = scales.expand(32, -1).repeat_interleave(64 // scales.shape[1], dim=1)
         normal = w.abs() / scale >= 2 ** -6  # e4m3 normal numbers: relative rounding error <= 2^-4
@@ -245,7 +246,7 @@ def test_quantized_directory_reloads_to_identical_logits(trained, tmp_path, meth
 
 
 def test_targets_are_the_block_linears_only(trained):
-    names = target_linears(load_model(trained))
+    names = linear_targets(load_model(trained), include=BLOCKS)
     assert len(names) == 14 and all(n.startswith("layers.") for n in names)
 
 
@@ -317,3 +318,50 @@ def test_unknown_method_is_refused(trained, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         main(["quantize", str(trained), "--method", "int3", "--out", str(tmp_path / "out")])
     assert exit_info.value.code == 2
+
+
+# ---------------------------------------------------------------------------- default group sizes
+def test_default_group_size_fits_each_layer_of_the_tiny_preset(tmp_path):
+    cfg = ModelConfig.from_preset("tiny", vocab_size=320, n_layers=2)  # FFN width 704 = 64 * 11
+    model = Transformer(cfg)
+    section = quantize_model(model, "int4")
+    down = [f"layers.{i}.mlp.down_proj" for i in range(2)]
+    assert section["group_size"] == 128 and section["group_sizes"] == {name: 64 for name in down}
+    assert model.layers[0].mlp.down_proj.group_size == 64 and model.layers[0].mlp.up_proj.group_size == 128
+    tokenizer = train_bpe([TRAIN_TEXT], 320)
+    save_model_dir(model, tmp_path / "q", tokenizer, quantization=section)
+    reloaded = load_model(tmp_path / "q")
+    assert reloaded.layers[1].mlp.down_proj.scales.shape == (256, 704 // 64)
+    x = torch.randint(0, 320, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(reloaded(x), model(x))
+
+
+def test_default_group_size_of_a_576_wide_model():
+    cfg = ModelConfig(vocab_size=64, context_length=32, d_model=576, n_layers=1, n_heads=9, n_kv_heads=3, ffn_hidden=1536)
+    section = quantize_model(Transformer(cfg), "int4")  # SmolLM2's width: 576 = 64 * 9; its FFN 1536 = 128 * 12
+    assert section["group_size"] == 64 and section["group_sizes"] == {"layers.0.mlp.down_proj": 128}
+
+
+def test_a_given_group_size_that_does_not_divide_names_the_layer():
+    model = Transformer(ModelConfig.from_preset("tiny", vocab_size=320, n_layers=1))
+    with pytest.raises(InputError, match=r"^group size 128 does not divide the input dimension 704 of "
+                                         r"layers\.0\.mlp\.down_proj \(weight 256x704\); choose a divisor such as 64 or 32$"):
+        quantize_model(model, "int4", group_size=128)
+
+
+def test_cli_reports_the_group_sizes_it_chose(tmp_path, capsys):
+    tokenizer = train_bpe([TRAIN_TEXT], 320)
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_preset("tiny", vocab_size=tokenizer.vocab_size, n_layers=2, context_length=64))
+    save_model_dir(model, tmp_path / "tiny", tokenizer)
+    (tmp_path / "held_out.txt").write_text(HELD_OUT_TEXT[:2000])
+    out = tmp_path / "int4"
+    assert main(["quantize", str(tmp_path / "tiny"), "--method", "int4", "--eval", str(tmp_path / "held_out.txt"),
+                 "--eval-tokens", "256", "--out", str(out), "--device", "cpu", "-q"]) == 0
+    chosen = "per layer: 128 for input width 256 (12 layers), 64 for input width 704 (2 layers)"
+    printed = capsys.readouterr().out
+    assert f"group_size={chosen}" in printed and "(cpu, float32)" in printed
+    assert json.loads((out / "quant_report.json").read_text())["settings"]["group_size"] == chosen
+    config = json.loads((out / "config.json").read_text())["quantization"]
+    assert config["group_size"] == 128 and config["group_sizes"] == {"layers.0.mlp.down_proj": 64, "layers.1.mlp.down_proj": 64}

@@ -37,3 +37,7 @@ class MissingExtraError(SlmkitError):
 
 class QualityBudgetError(SlmkitError):
     """A result misses the quality budget the user set (e.g. --max-ppl-increase)."""
+
+
+class DeviceError(SlmkitError):
+    """The asked device or dtype does not exist on this machine."""

@@ -26,6 +26,7 @@ import torch
 
 from slmkit._io import atomic_dir, write_json
 from slmkit.data.records import read_records, split_records
+from slmkit.devices import resolve_device
 from slmkit.errors import InputError
 from slmkit.generation.templates import get_template
 from slmkit.model.classifier import SequenceClassifier, save_classifier
@@ -54,12 +55,6 @@ class FinetuneResult:
     @property
     def trainable_fraction(self) -> float:
         return self.fit.trainable / self.fit.total
-
-
-def _device(device: str | None) -> torch.device:
-    if device:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _prepare_each(objective, records: Sequence[dict[str, Any]], skip_bad: bool) -> tuple[list[Any], int]:
@@ -169,7 +164,7 @@ def finetune_classify(
         return out_
 
     train_ex, val_ex, test_ex = examples(items), examples(val_items), examples(test_items)
-    dev = _device(device)
+    dev = resolve_device(device)
     tokenizer = Tokenizer.load(model_dir)
     torch.manual_seed(cfg.seed)
     backbone = load_model(model_dir).train()
@@ -289,7 +284,7 @@ def finetune_sft(
     train_ex, bad_train = _prepare_each(objective, train_records, skip_bad)
     val_ex, bad_val = _prepare_each(objective, val_records, skip_bad)
     lora = apply_lora(model, cfg)
-    model.to(_device(device))
+    model.to(resolve_device(device))
     with atomic_dir(out, force=force) as tmp:
         result = fit(model, objective, train_ex, val_ex, cfg, tmp, progress=progress)
         held = val_records[:max_responses] if max_responses else val_records
@@ -337,7 +332,7 @@ def finetune_dpo(
     train_records, val_records, skipped = _instruction_data(data, fmt, skip_bad, val, val_fraction, cfg.seed)
     tokenizer = Tokenizer.load(model_dir)
     fmt_ = get_template(template, tokenizer, model_dir)
-    dev = _device(device)
+    dev = resolve_device(device)
     model = load_model(model_dir).to(dev).train()
     objective = DirectPreference(fmt_, max_length or model.cfg.context_length, _pad_id(tokenizer), beta)
     train_ex, bad_train = _prepare_each(objective, train_records, skip_bad)
@@ -399,7 +394,7 @@ def finetune_distill(
         raise InputError(f"teacher {teacher_dir} and student {student_dir} use different tokenizers; "
                          "distillation compares their next-token distributions token by token, so they must share one")
     check_same_tokenizer(tokenizer, str(data), str(teacher_dir))
-    dev = _device(device)
+    dev = resolve_device(device)
     teacher = load_model(teacher_dir).to(dev)
     torch.manual_seed(cfg.seed)
     if student_dir is not None:

@@ -19,6 +19,14 @@ def read_lines(path: str) -> list[str]:
     return [line.strip("\r\n") for line in lines if line.strip()]
 
 
+def device_options(p: argparse.ArgumentParser) -> None:
+    """--device and --dtype of every command that runs a model (resolved by slmkit.devices)."""
+    p.add_argument("--device", default="auto", metavar="DEVICE",
+                   help="where the model runs: auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps (default: auto)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="dtype of the model's weights and compute; auto: float32 on CPU, bfloat16 on GPUs that "
+                        "support it (default: auto)")
+
 
 def reading_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text-field", default="text", help="field of .jsonl records / column of .csv/.tsv files to read (default: text)")

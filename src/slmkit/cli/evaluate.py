@@ -5,13 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 
+from slmkit.cli.common import device_options
+
 
 def cmd_generate(args: argparse.Namespace) -> None:
     from slmkit.eval.responses import eval_generate
 
     rows = eval_generate(args.model, args.data, args.out, template=args.template, adapter=args.adapter,
                          max_new_tokens=args.max_new_tokens, limit=args.limit, fmt=args.format,
-                         skip_bad=args.skip_bad, progress=not args.quiet)
+                         skip_bad=args.skip_bad, device=args.device, dtype=args.dtype, progress=not args.quiet)
     print(f"wrote {len(rows)} responses to {args.out}")
 
 
@@ -49,6 +51,7 @@ def register_eval(eval_cmds: argparse._SubParsersAction, common: argparse.Argume
     p.add_argument("--limit", type=int, help="only the first N records")
     p.add_argument("--format", choices=["csv", "tsv", "jsonl", "json"], help="record file format (default: from the name)")
     p.add_argument("--skip-bad", action="store_true", help="skip malformed records instead of stopping")
+    device_options(p)
     p.set_defaults(handler=cmd_generate)
 
     p = eval_cmds.add_parser("text-metrics", parents=[common], help="exact match, token F1, ROUGE-L, BLEU",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from slmkit.cli.common import device_options
 from slmkit.config import parse_overrides
 
 _TRAINING = ("max_steps", "max_minutes", "batch_size", "grad_accum", "lr", "min_lr", "warmup_steps", "weight_decay",
@@ -82,7 +83,7 @@ def cmd_distill(args: argparse.Namespace) -> None:
 def cmd_classify(args: argparse.Namespace) -> None:
     from slmkit.model.classifier import load_classifier
 
-    classifier = load_classifier(args.model)
+    classifier = load_classifier(args.model, args.device, args.dtype)
     for text in args.texts:
         probs = classifier.predict_proba(text)
         label = max(probs, key=probs.get)
@@ -113,7 +114,8 @@ def _training_options(p: argparse.ArgumentParser, lr: float = 1e-4) -> None:
     g.add_argument("--patience", type=int, help="early stop after N validations without improvement (default: 0, off)")
     g.add_argument("--log-every", type=int, help="steps between metrics.jsonl lines (default: 10)")
     g.add_argument("--seed", type=int, help="seed of initialization, data order and splits (default: 0)")
-    g.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: cuda when available)")
+    g.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps "
+                                                    "(default: auto); --precision sets the compute dtype")
     g.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     g = p.add_argument_group("LoRA / QLoRA")
     g.add_argument("--lora-rank", type=int, help="train rank-R LoRA adapters instead of the weights (default: off)")
@@ -211,6 +213,7 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
     p.add_argument("model", metavar="MODEL_DIR", help="classifier directory (final/ of `slmkit finetune classify`)")
     p.add_argument("texts", nargs="+", metavar="TEXT", help="text(s) to classify")
     p.add_argument("--json", action="store_true", help="print one JSON object per text")
+    device_options(p)
     p.set_defaults(handler=cmd_classify)
 
     lora = commands.add_parser("lora", help="LoRA adapters", description="Work with LoRA adapters of a model directory.")

@@ -7,6 +7,7 @@ import json
 import sys
 from typing import Any
 
+from slmkit.cli.common import device_options
 from slmkit.cli.evaluate import register_eval
 from slmkit.errors import InputError
 
@@ -29,18 +30,24 @@ def _load_for_generation(args: argparse.Namespace):
     if args.backend == "onnx":
         if args.offload:
             raise InputError("--offload streams PyTorch weights; it does not apply to --backend onnx")
+        if args.device not in ("auto", "cpu") or args.dtype not in ("auto", "float32"):
+            raise InputError("--backend onnx runs the exported float32 graph on ONNX Runtime's CPU provider; "
+                             "drop --device and --dtype")
         from slmkit.generation.ort import load_onnx
 
         return load_onnx(args.model, args.ort_opt_level, args.save_optimized, args.profile)
     if args.profile or args.save_optimized or args.ort_opt_level != "all":
         raise InputError("--profile, --save-optimized and --ort-opt-level are ONNX Runtime options; add --backend onnx")
     if args.offload:
+        from slmkit.devices import resolve_device
         from slmkit.generation.offload import load_offloaded
 
-        return load_offloaded(args.model, args.offload)
+        if args.dtype not in ("auto", "float32"):
+            raise InputError("--offload streams the stored float32 weights; drop --dtype")
+        return load_offloaded(args.model, args.offload, resolve_device(args.device))
     from slmkit.model.io import load
 
-    return load(args.model)
+    return load(args.model, args.device, args.dtype)
 
 
 def _report_run(args: argparse.Namespace, model) -> None:
@@ -80,7 +87,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
     from slmkit.generation.sampling import SamplingParams
     from slmkit.model.io import load
 
-    model, tokenizer = load(args.model)
+    model, tokenizer = load(args.model, args.device, args.dtype)
     settings = _settings(args)
     settings.pop("stop_tokens")  # the chat format decides what ends a reply
     max_new_tokens, seed = settings.pop("max_new_tokens", 256), settings.pop("seed", None)
@@ -91,7 +98,7 @@ def cmd_eval_perplexity(args: argparse.Namespace) -> None:
     from slmkit.eval import perplexity
     from slmkit.model.io import load
 
-    model, tokenizer = load(args.model)
+    model, tokenizer = load(args.model, args.device, args.dtype)
     result = perplexity(model, tokenizer, args.paths, args.context, args.stride, args.batch_size, args.text_field,
                         progress=not args.quiet)
     print(json.dumps(result.to_dict(), indent=2) if args.json else result.summary())
@@ -108,6 +115,7 @@ def _sampling_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--frequency-penalty", metavar="X", type=float, help="subtracted from a token's logit per occurrence in the output")
     p.add_argument("--presence-penalty", metavar="X", type=float, help="subtracted from a token's logit once it occurs in the output")
     p.add_argument("--seed", metavar="N", type=int, help="seed of the sampler, for reproducible output")
+    device_options(p)
 
 
 def register(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -151,5 +159,6 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
     p.add_argument("--batch-size", metavar="N", type=int, default=8, help="windows per forward pass (default: 8)")
     p.add_argument("--text-field", default="text", help="field of .jsonl records / column of .csv files (default: text)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    device_options(p)
     p.set_defaults(handler=cmd_eval_perplexity)
     register_eval(eval_cmds, common)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from slmkit.cli.common import device_options
+
 
 def cmd_quantize(args: argparse.Namespace) -> None:
     from slmkit.quant import quantize
@@ -12,7 +14,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
                       calib=args.calib, calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len,
                       eval_paths=args.eval, eval_tokens=args.eval_tokens, alpha=args.alpha, act_order=args.act_order,
                       damp=args.damp, max_ppl_increase=args.max_ppl_increase, seed=args.seed, force=args.force,
-                      progress=not args.quiet)
+                      device=args.device, dtype=args.dtype, progress=not args.quiet)
     print(report.markdown(), end="")
     print(f"wrote {args.out}")
 
@@ -32,8 +34,9 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
     p.add_argument("--method", required=True, choices=METHODS, help="quantization method")
     p.add_argument("--out", required=True, metavar="DIR", help="output model directory")
     p.add_argument("--group-size", type=int, metavar="N",
-                   help="input columns per scale; 0: one per output channel (fp8: per tensor). Default: 128 for "
-                        "int4/gptq, per channel for int8, per tensor for fp8")
+                   help="input columns per scale; 0: one per output channel (fp8: per tensor). Default for "
+                        "int4/gptq: per layer, the largest of 128, 64, 32, 16 that divides its input width; per "
+                        "channel for int8, per tensor for fp8")
     p.add_argument("--asymmetric", action="store_true", help="int8/int4/gptq: zero points per group (default: symmetric)")
     p.add_argument("--calib", nargs="+", metavar="FILE", help="calibration text files or directories (gptq, smoothquant)")
     p.add_argument("--calib-samples", type=int, default=128, metavar="N", help="calibration windows (default: 128)")
@@ -47,4 +50,5 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
                    help="refuse (exit 2, nothing written) when perplexity rises by more than PCT percent")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration window sampling (default: 0)")
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    device_options(p)
     p.set_defaults(handler=cmd_quantize)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from slmkit.cli.common import device_options
 from slmkit.errors import InputError
 
 
@@ -25,7 +26,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
           max_batch_tokens=args.max_batch_tokens, max_seqs=args.max_seqs, max_queue=args.max_queue,
           kv_blocks=args.kv_blocks, block_size=args.block_size, prefix_caching=not args.no_prefix_caching,
           draft_model=args.draft_model, draft_layers=args.draft_layers, draft_mtp=args.draft_mtp, num_draft=args.num_draft,
-          model_name=args.model_name)
+          model_name=args.model_name, device=args.device, dtype=args.dtype)
 
 
 def cmd_bench_serve(args: argparse.Namespace) -> None:
@@ -69,6 +70,7 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
                    help="speculative decoding with the model's own multi-token-prediction modules (models with "
                         "mtp_depth >= 1; drafts at most mtp_depth tokens per step)")
     p.add_argument("--num-draft", metavar="K", type=int, default=4, help="tokens drafted per step (default: 4)")
+    device_options(p)
     p.set_defaults(handler=cmd_serve)
 
     bench = commands.add_parser("bench", help="benchmarks", description="Benchmarks.")

@@ -70,11 +70,13 @@ def eval_generate(
     limit: int | None = None,
     fmt: str | None = None,
     skip_bad: bool = False,
+    device: str = "cpu",
+    dtype: str | None = None,
     progress: bool = True,
 ) -> list[dict[str, Any]]:
     """Generate greedy responses of a model directory for instruction records and write them to
     `out` (JSONL). The template and adapter default to the ones the model was tuned with
-    (generation.json)."""
+    (generation.json). `device` and `dtype` as for `slmkit.load`."""
     from slmkit.data.records import read_records
     from slmkit.generation.templates import get_template
     from slmkit.model.io import generation_defaults, load
@@ -84,7 +86,7 @@ def eval_generate(
     adapter = adapter or defaults.get("adapter")
     if not template:
         raise InputError(f"{model_dir} does not say which prompt template it was tuned with; pass --template alpaca|chatml|model")
-    model, tokenizer = load(model_dir)
+    model, tokenizer = load(model_dir, device, dtype)
     if adapter:
         from slmkit.model.lora import load_adapter
 

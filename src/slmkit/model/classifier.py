@@ -151,18 +151,22 @@ class Classifier:
         return dict(zip(self.labels, self.probabilities([text])[0].tolist()))
 
 
-def load_classifier(directory: str | os.PathLike, device: str | torch.device = "cpu") -> Classifier:
-    """A classifier directory (from `slmkit finetune classify`) -> `Classifier`."""
+def load_classifier(directory: str | os.PathLike, device: str | torch.device = "cpu",
+                    dtype: str | torch.dtype | None = None) -> Classifier:
+    """A classifier directory (from `slmkit finetune classify`) -> `Classifier` on `device`, in
+    `dtype` (as for `slmkit.load`)."""
     directory = Path(directory)
     if not (directory / LABELS).is_file() or not (directory / HEAD_WEIGHTS).is_file():
         raise InputError(f"{directory} is not a classifier directory (needs {LABELS} and {HEAD_WEIGHTS}); "
                          "train one with `slmkit finetune classify`")
     meta = json.loads((directory / LABELS).read_text(encoding="utf-8"))
-    backbone = load_model(directory)
+    backbone = load_model(directory, device, dtype)
     if meta.get("adapter"):
         from slmkit.model.lora import load_adapter
 
         load_adapter(backbone, directory / "adapters" / meta["adapter"])
     model = SequenceClassifier(backbone, meta["labels"], meta.get("pooling", "last"))
     model.score.load_state_dict(load_file(str(directory / HEAD_WEIGHTS)))
-    return Classifier(model.to(device), Tokenizer.load(directory))
+    embeddings = backbone.embed_tokens.weight  # the head follows the backbone's device and dtype
+    model.score.to(embeddings.device, embeddings.dtype)
+    return Classifier(model, Tokenizer.load(directory))

@@ -15,6 +15,7 @@ from safetensors.torch import save_model as save_safetensors
 from slmkit import __version__
 from slmkit._io import write_json
 from slmkit.config import ModelConfig
+from slmkit.devices import resolve_device, resolve_dtype
 from slmkit.errors import InputError
 from slmkit.model.transformer import Transformer
 from slmkit.tokenizer import Tokenizer
@@ -48,7 +49,13 @@ def save_model_dir(
     return directory
 
 
-def load_model(directory: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Transformer:
+def load_model(directory: str | os.PathLike, device: str | torch.device = "cpu",
+               dtype: str | torch.dtype | None = None) -> Transformer:
+    """A model directory -> its Transformer in eval mode on `device` (auto, cpu, cuda[:N], mps), in
+    `dtype` (auto, float32, bfloat16, float16; None: as stored). A quantized model keeps its codes
+    and scales as stored; only its float weights take `dtype`."""
+    device = resolve_device(device)
+    dtype = None if dtype is None else resolve_dtype(dtype, device)
     directory = Path(directory)
     if not (directory / "config.json").is_file():
         raise InputError(f"{directory} is not a model directory (no config.json)")
@@ -65,7 +72,24 @@ def load_model(directory: str | os.PathLike, device: str | torch.device = "cpu",
         load_safetensors(model, str(weights), strict=True)
     except (SafetensorError, RuntimeError, OSError) as e:
         raise InputError(f"cannot read weights from {weights} (corrupt, truncated or for another config): {str(e).splitlines()[0]}") from None
-    return model.to(device=device, dtype=dtype).eval() if dtype else model.to(device).eval()
+    if dtype is not None:
+        cast_floats(model, dtype)
+    return model.to(device).eval()
+
+
+def cast_floats(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Float parameters and buffers to `dtype` in place, except the stored codes and scales of
+    quantized layers (`model.to(dtype)` would also turn fp8 weights into `dtype`)."""
+    from slmkit.quant.linear import QUANTIZED_LINEARS
+
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            if p.is_floating_point():
+                p.data = p.data.to(dtype)
+        if not isinstance(module, QUANTIZED_LINEARS):
+            for name, b in module.named_buffers(recurse=False):
+                if b.is_floating_point():
+                    module._buffers[name] = b.to(dtype)
 
 
 def read_config(directory: str | os.PathLike) -> tuple[ModelConfig, dict[str, Any] | None]:
@@ -79,9 +103,10 @@ def read_config(directory: str | os.PathLike) -> tuple[ModelConfig, dict[str, An
     return ModelConfig.from_dict(values), quantization
 
 
-def load(directory: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[Transformer, Tokenizer]:
-    """A model directory -> (model in eval mode, tokenizer)."""
-    return load_model(directory, device), Tokenizer.load(directory)
+def load(directory: str | os.PathLike, device: str | torch.device = "cpu",
+         dtype: str | torch.dtype | None = None) -> tuple[Transformer, Tokenizer]:
+    """A model directory -> (model in eval mode on `device`, in `dtype`, tokenizer); see `load_model`."""
+    return load_model(directory, device, dtype), Tokenizer.load(directory)
 
 
 def generation_defaults(directory: str | os.PathLike) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""LoRA: low-rank adapters on frozen linear layers, and a frozen int8 base for QLoRA.
+"""LoRA: low-rank adapters on frozen linear layers (float, or quantized for QLoRA).
 
     y = base(x) + (alpha / r) * B(A(dropout(x)))        A: [r, in], B: [out, r], B starts at 0
 
@@ -9,10 +9,8 @@ base. `merge` folds the active adapter into the base weight and `unmerge` restor
 original bit for bit. Adapters are saved in the PEFT layout (`adapter_config.json` +
 `adapter.safetensors` with keys `base_model.model.<module>.lora_A.weight`).
 
-`quantize_int8` replaces linear layers with a weight-only int8 copy (per-output-channel absmax
-scales), which is the frozen base of QLoRA here. It is the minimal interim path: `LoRALinear`
-wraps any frozen module with `in_features`/`out_features`, so the quantized layers of
-`slmkit.quant` (int8/int4) can take its place.
+QLoRA's frozen base is `slmkit.quant.methods.quantize_int8` (weight-only int8, a scale per output
+channel); `LoRALinear` wraps any of the quantized layers of `slmkit.quant.linear` like a float one.
 """
 
 from __future__ import annotations
@@ -27,12 +25,13 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from slmkit._io import write_json
 from slmkit.errors import InputError
+from slmkit.quant.linear import QUANTIZED_LINEARS
+from slmkit.quant.targets import linear_targets, set_module
 
 DEFAULT_TARGETS = ("q", "k", "v", "o")
 ALIASES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
@@ -40,28 +39,8 @@ ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter.safetensors"
 PEFT_PREFIX = "base_model.model."
 
 
-class Int8Linear(nn.Module):
-    """A frozen linear layer stored as int8 weights with one fp32 scale per output row."""
-
-    def __init__(self, linear: nn.Linear) -> None:
-        super().__init__()
-        w = linear.weight.detach().float()
-        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.register_buffer("qweight", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
-        self.register_buffer("scale", scale)
-        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
-
-    def dequantize(self) -> torch.Tensor:
-        return self.qweight.float() * self.scale[:, None]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.dequantize().to(x.dtype), bias)
-
-
 class LoRALinear(nn.Module):
-    """A base linear layer (float or int8, frozen) plus named low-rank adapters."""
+    """A base linear layer (float or quantized, frozen) plus named low-rank adapters."""
 
     def __init__(self, base: nn.Module) -> None:
         super().__init__()
@@ -77,8 +56,9 @@ class LoRALinear(nn.Module):
     def add_adapter(self, name: str, rank: int, alpha: float, dropout: float) -> None:
         base = self.base_layer
         device = next(itertools.chain(base.parameters(), base.buffers())).device
-        self.lora_A[name] = nn.Linear(base.in_features, rank, bias=False, device=device)
-        self.lora_B[name] = nn.Linear(rank, base.out_features, bias=False, device=device)
+        dtype = base.weight.dtype if isinstance(base, nn.Linear) else None  # quantized bases: the default float
+        self.lora_A[name] = nn.Linear(base.in_features, rank, bias=False, device=device, dtype=dtype)
+        self.lora_B[name] = nn.Linear(rank, base.out_features, bias=False, device=device, dtype=dtype)
         nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))  # as nn.Linear and PEFT
         nn.init.zeros_(self.lora_B[name].weight)  # the adapter starts as the identity change
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout else nn.Identity()
@@ -94,7 +74,9 @@ class LoRALinear(nn.Module):
         name = self.active
         if name is None or name == self.merged:
             return y
-        return y + self.lora_B[name](self.lora_A[name](self.lora_dropout[name](x))) * self.scaling[name]
+        a = self.lora_A[name]
+        update = self.lora_B[name](a(self.lora_dropout[name](x).to(a.weight.dtype))) * self.scaling[name]
+        return y + update.to(y.dtype)
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -131,11 +113,6 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
             yield name, module
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, leaf, new)
-
-
 def inject_lora(
     model: nn.Module,
     rank: int = 8,
@@ -148,19 +125,13 @@ def inject_lora(
     else in `model`, and return the wrapped module names."""
     if rank < 1:
         raise InputError(f"LoRA rank must be at least 1, not {rank}")
-    owners = [
-        n for n, m in model.named_modules()
-        if isinstance(m, LoRALinear)
-        or (isinstance(m, (nn.Linear, Int8Linear)) and ".lora_" not in n and not n.endswith(".base_layer"))
-    ]
     chosen = []
-    for owner in owners:
-        if owner == "lm_head" or not _matches(owner, targets):
+    for owner, layer in linear_targets(model, kinds=(nn.Linear, *QUANTIZED_LINEARS, LoRALinear)).items():
+        if not _matches(owner, targets):
             continue
-        layer = model.get_submodule(owner)
         if not isinstance(layer, LoRALinear):
             layer = LoRALinear(layer)
-            _replace(model, owner, layer)
+            set_module(model, owner, layer)
         if name in layer.lora_A:
             raise InputError(f"adapter {name!r} already exists on {owner}")
         layer.add_adapter(name, rank, alpha, dropout)
@@ -220,28 +191,18 @@ def unmerge(model: nn.Module) -> None:
 def unwrap(model: nn.Module) -> nn.Module:
     """Replace every LoRA layer by its base layer (with any merged adapter folded in)."""
     for name, layer in list(lora_layers(model)):
-        _replace(model, name, layer.base_layer)
+        set_module(model, name, layer.base_layer)
     for p in model.parameters():
         p.requires_grad = True
     return model
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts, counting tied weights once and int8 weights too."""
+    """(trainable, total) parameter counts, counting tied weights once and quantized weights too."""
     params = {id(p): p for p in model.parameters()}.values()
     total = sum(p.numel() for p in params)
-    total += sum(m.qweight.numel() for m in model.modules() if isinstance(m, Int8Linear))
+    total += sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, QUANTIZED_LINEARS))
     return sum(p.numel() for p in params if p.requires_grad), total
-
-
-def quantize_int8(model: nn.Module, skip: Sequence[str] = ("lm_head",)) -> int:
-    """Replace the model's linear layers (except `skip`) by frozen int8 copies; returns how many."""
-    count = 0
-    for name, module in list(model.named_modules()):
-        if isinstance(module, nn.Linear) and name not in skip and ".lora_" not in name:
-            _replace(model, name, Int8Linear(module))
-            count += 1
-    return count
 
 
 def adapter_state(model: nn.Module, name: str) -> dict[str, torch.Tensor]:

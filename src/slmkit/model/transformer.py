@@ -19,11 +19,12 @@ from torch import nn
 from slmkit.config import ModelConfig
 from slmkit.errors import InputError
 from slmkit.model.attention import Attention, KVCache
-from slmkit.model.fp8 import FP8KVCache, FP8LatentCache, use_fp8_linears
 from slmkit.model.layers import MLPS, NORMS, POSITIONS, PackedLinears
 from slmkit.model.mla import LatentAttention, LatentCache
 from slmkit.model.moe import MoE, moe_aux_loss
 from slmkit.model.mtp import MultiTokenPrediction
+from slmkit.quant.fp8_cache import FP8KVCache, FP8LatentCache
+from slmkit.quant.linear import use_fp8_linears
 
 ATTENTION_KINDS = {"mha": Attention, "mla": LatentAttention}
 CACHES = {"mha": KVCache, "mla": LatentCache}

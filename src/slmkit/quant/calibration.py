@@ -12,6 +12,7 @@ from torch import nn
 from slmkit.data.corpus import Corpus
 from slmkit.errors import InputError
 from slmkit.model.transformer import Transformer
+from slmkit.quant.targets import linear_targets
 from slmkit.tokenizer import Tokenizer
 
 BlockInput = tuple[tuple[Any, ...], dict[str, Any]]  # positional and keyword arguments of one block call
@@ -78,7 +79,7 @@ def linear_groups(block: nn.Module, inputs: list[BlockInput]) -> list[list[str]]
     grouped when consecutive ones read the same input tensor (q/k/v, gate/up)."""
     calls: list[tuple[str, torch.Tensor]] = []
     handles = [m.register_forward_hook(lambda mod, args, out, name=name: calls.append((name, args[0])))
-               for name, m in block.named_modules() if isinstance(m, nn.Linear)]
+               for name, m in linear_targets(block, exclude=()).items()]
     try:
         args, kwargs = inputs[0]
         block(*args, **kwargs)

@@ -34,8 +34,9 @@ from slmkit.quant.calibration import (
     linear_groups,
     run_block,
 )
-from slmkit.quant.linear import QuantizedLinear, set_module
+from slmkit.quant.linear import QuantizedLinear, group_size_fields
 from slmkit.quant.rtn import check_group_size, qparams, quantize_codes
+from slmkit.quant.targets import set_module
 
 
 @torch.no_grad()
@@ -45,7 +46,7 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size:
     """W [out, in] and H [in, in] -> (codes int8 [out, in], scales [out, groups], zeros [out, groups],
     perm or None). With act_order, codes and groups are in the column order `perm`."""
     W = w.detach().float().clone()
-    H = hessian.detach().float().clone()
+    H = hessian.detach().float().to(W.device, copy=True)
     n_out, n_in = W.shape
     dead = H.diagonal() == 0  # inputs never active: their weights do not matter
     H[dead, dead] = 1
@@ -54,16 +55,16 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size:
     if act_order:
         perm = torch.argsort(H.diagonal(), descending=True)
         W, H = W[:, perm], H[perm][:, perm]
-    H += damp * H.diagonal().mean() * torch.eye(n_in)
+    H += damp * H.diagonal().mean() * torch.eye(n_in, device=H.device)
     try:
         U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
     except torch.linalg.LinAlgError:
         raise InputError(f"the calibration Hessian is not positive definite even with dampening {damp}; "
                          "raise --damp or give more calibration samples") from None
 
-    codes = torch.zeros(n_out, n_in, dtype=torch.int8)
-    scales = torch.zeros(n_out, n_in // group_size)
-    zeros = torch.zeros(n_out, n_in // group_size)
+    codes = torch.zeros(n_out, n_in, dtype=torch.int8, device=W.device)
+    scales = torch.zeros(n_out, n_in // group_size, device=W.device)
+    zeros = torch.zeros(n_out, n_in // group_size, device=W.device)
     for i1 in range(0, n_in, block_size):
         i2 = min(i1 + block_size, n_in)
         W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
@@ -86,12 +87,12 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size:
 def hessian(block: nn.Module, linear: nn.Linear, inputs: list[BlockInput]) -> torch.Tensor:
     """H = 2 X^T X / n over every token that reaches `linear` while `block` runs on `inputs`
     (each pass stops at `linear`: the rest of the block is not needed)."""
-    H = torch.zeros(linear.in_features, linear.in_features)
+    H = torch.zeros(linear.in_features, linear.in_features, device=linear.weight.device)
     seen = 0
 
     def accumulate(module: nn.Module, args: tuple) -> None:
         nonlocal H, seen
-        x = args[0].detach().reshape(-1, linear.in_features).float().cpu()
+        x = args[0].detach().reshape(-1, linear.in_features).float()
         H *= seen / (seen + len(x))
         seen += len(x)
         H += (2 / seen) * x.T @ x
@@ -109,10 +110,11 @@ def hessian(block: nn.Module, linear: nn.Linear, inputs: list[BlockInput]) -> to
     return H
 
 
-def quantize_model(model: Transformer, calib_ids: torch.Tensor, bits: int = 4, group_size: int | None = 128,
+def quantize_model(model: Transformer, calib_ids: torch.Tensor, bits: int, group_sizes: dict[str, int | None],
                    symmetric: bool = True, act_order: bool = False, damp: float = 0.01, batch_size: int = 8,
                    progress: bool = False) -> dict:
-    """Quantize every Linear of the blocks in place with GPTQ; returns the "quantization" config section."""
+    """Quantize every Linear of the blocks in place with GPTQ, layer `name` in groups of
+    `group_sizes[name]` columns (None: per channel); returns the "quantization" config section."""
     names = []
     inputs = block_inputs(model, calib_ids, batch_size)
     for index, block in enumerate(tqdm(model.layers, desc="GPTQ", unit="block", disable=not progress)):
@@ -121,7 +123,7 @@ def quantize_model(model: Transformer, calib_ids: torch.Tensor, bits: int = 4, g
             for name in group:
                 linear = block.get_submodule(name)
                 full_name = f"layers.{index}.{name}"
-                g = check_group_size(full_name, linear.out_features, linear.in_features, group_size, bits)
+                g = check_group_size(full_name, linear.out_features, linear.in_features, group_sizes[full_name], bits)
                 codes, scales, zeros, perm = gptq_quantize(linear.weight, H, bits, g, symmetric, act_order, damp)
                 module = QuantizedLinear(linear.in_features, linear.out_features, linear.bias is not None, bits, g,
                                          symmetric, permuted=act_order)
@@ -130,5 +132,5 @@ def quantize_model(model: Transformer, calib_ids: torch.Tensor, bits: int = 4, g
                 set_module(block, name, module.to(linear.weight.device))
                 names.append(full_name)
         inputs = run_block(block, inputs)
-    return {"method": "gptq", "bits": bits, "group_size": group_size, "symmetric": symmetric,
+    return {"method": "gptq", "bits": bits, **group_size_fields({n: group_sizes[n] for n in names}), "symmetric": symmetric,
             "act_order": act_order, "damp": damp, "modules": names}

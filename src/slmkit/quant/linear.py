@@ -1,8 +1,14 @@
-"""Quantized replacements for `nn.Linear`, swapped into a built Transformer by module name.
+"""Every quantized linear layer: the replacements for `nn.Linear` that store or compute in fewer bits.
 
-Each keeps its quantized weights as buffers, so `state_dict()` / safetensors hold exactly the
-packed codes and scales, and a model directory reloads by building the same empty modules and
-loading the file into them (`install`).
+- `QuantizedLinear`: weight-only int8/int4 (round-to-nearest, GPTQ; the frozen int8 base of QLoRA).
+- `W8A8Linear`: int8 weights times int8 activations (SmoothQuant).
+- `FP8Linear`: weight-only float8 e4m3.
+- `FP8TrainingLinear`: an `nn.Linear` whose matmuls run in fp8 (FP8 training; same parameters).
+
+The storage kinds keep their quantized weights as buffers, so `state_dict()` / safetensors hold
+exactly the packed codes and scales, and a model directory reloads by building the same empty
+modules and loading the file into them (`install`). Which linears get replaced is decided by
+`slmkit.quant.targets.linear_targets`.
 
 Kernels: on the CPU measured here (see bench/bench_quant.py --kernels) `torch._weight_int8pack_mm`
 and `torch._int_mm` were slower than converting the codes to floats and calling one matmul, at
@@ -13,13 +19,16 @@ pass over the weight.
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slmkit.quant import fp8
 from slmkit.quant.rtn import dequantize, pack_int4, unpack_int4
+from slmkit.quant.targets import linear_targets, set_module
 
 
 class QuantizedLinear(nn.Module):
@@ -76,7 +85,7 @@ class QuantizedLinear(nn.Module):
             y = y * self.scales[:, 0].to(x.dtype)
         else:
             y = F.linear(x, dequantize(self.codes(), self.scales, self.zeros).to(x.dtype))
-        return y + self.bias if self.bias is not None else y
+        return y + self.bias.to(y.dtype) if self.bias is not None else y
 
     def extra_repr(self) -> str:
         kind = "symmetric" if self.zeros is None else "asymmetric"
@@ -116,7 +125,7 @@ class W8A8Linear(nn.Module):
         x_scale = x.abs().amax(-1, keepdim=True).clamp(min=1e-8) / 127
         x_codes = torch.round(x / x_scale).clamp(-127, 127)
         y = F.linear(x_codes, self.qweight.to(x.dtype)) * (x_scale * self.scales.to(x.dtype))
-        return y + self.bias if self.bias is not None else y
+        return y + self.bias.to(y.dtype) if self.bias is not None else y
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, W8A8{', smoothed' if self.smooth is not None else ''}"
@@ -142,23 +151,50 @@ class FP8Linear(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, dequantize(self.qweight, self.scales, None).to(x.dtype), self.bias)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, dequantize(self.qweight, self.scales, None).to(x.dtype), bias)
 
     def extra_repr(self) -> str:
         scales = "per tensor" if self.group_size is None else f"group={self.group_size}"
         return f"in={self.in_features}, out={self.out_features}, fp8 e4m3, {scales}"
 
 
-def target_linears(model: nn.Module) -> dict[str, nn.Linear]:
-    """The Linear modules that quantization replaces: every one inside the blocks. The embeddings
-    and lm_head stay in full precision (they are tied in many small models, and the output
-    projection is the most sensitive matmul)."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) and name.startswith("layers.")}
+class FP8TrainingLinear(nn.Linear):
+    """An nn.Linear (same parameters, same state dict) whose matmuls run in FP8: e4m3 operands
+    forward, e5m2 gradients backward, with the scaling of `granularity` (see quant/fp8.py)."""
+
+    granularity = "blockwise"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fp8.FP8LinearFunction.apply(x, self.weight, self.bias, self.granularity)
 
 
-def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
+QUANTIZED_LINEARS = (QuantizedLinear, W8A8Linear, FP8Linear)  # the kinds whose weights are stored quantized
+
+
+def use_fp8_linears(model: nn.Module, granularity: str) -> nn.Module:
+    """Turn every linear layer but the output head (kept in high precision, as DeepSeek-V3 does)
+    into an `FP8TrainingLinear` in place; parameters are untouched."""
+    if granularity not in fp8.GRANULARITIES:
+        raise ValueError(f"fp8 must be one of {', '.join(fp8.GRANULARITIES)} or none, not {granularity!r}")
+    for linear in linear_targets(model).values():
+        linear.__class__ = FP8TrainingLinear
+        linear.granularity = granularity
+    return model
+
+
+def group_size_fields(sizes: dict[str, int | None]) -> dict[str, Any]:
+    """How config.json's "quantization" section records each layer's group size: "group_size" is
+    the size most layers have, "group_sizes" lists the layers that have another one."""
+    common = Counter(sizes.values()).most_common(1)[0][0] if sizes else None
+    other = {name: size for name, size in sizes.items() if size != common}
+    return {"group_size": common, **({"group_sizes": other} if other else {})}
+
+
+def group_size_of(section: dict[str, Any], name: str) -> int | None:
+    """The group size of layer `name`: its own entry in "group_sizes" (sizes chosen per layer),
+    else the section's "group_size" (None: per channel, or per tensor for fp8)."""
+    return section.get("group_sizes", {}).get(name, section.get("group_size"))
 
 
 def empty_module(linear: nn.Linear, section: dict[str, Any], name: str) -> nn.Module:
@@ -168,8 +204,8 @@ def empty_module(linear: nn.Linear, section: dict[str, Any], name: str) -> nn.Mo
     if method == "smoothquant":
         return W8A8Linear(*args, smoothed=name in section.get("smoothed", ()))
     if method == "fp8":
-        return FP8Linear(*args, group_size=section.get("group_size"))
-    group_size = section.get("group_size") or linear.in_features
+        return FP8Linear(*args, group_size=group_size_of(section, name))
+    group_size = group_size_of(section, name) or linear.in_features
     return QuantizedLinear(*args, bits=section["bits"], group_size=group_size, symmetric=section.get("symmetric", True),
                            permuted=section.get("act_order", False))
 

@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from slmkit.model.transformer import Transformer
-from slmkit.quant.linear import W8A8Linear, set_module, target_linears
+from slmkit.quant.linear import W8A8Linear
+from slmkit.quant.targets import BLOCKS, linear_targets, set_module
 from slmkit.quant.rtn import quantize_rtn
 
 FOLDS = {  # norm of a block -> the Linear layers (relative to the block) that read its output
@@ -38,7 +39,7 @@ def activation_maxima(model: Transformer, calib_ids: torch.Tensor, batch_size: i
             maxima[name] = torch.maximum(maxima[name], x) if name in maxima else x
         return hook
 
-    handles = [m.register_forward_hook(observe(name)) for name, m in target_linears(model).items()]
+    handles = [m.register_forward_hook(observe(name)) for name, m in linear_targets(model, include=BLOCKS).items()]
     device = model.embed_tokens.weight.device
     try:
         for batch in calib_ids.split(batch_size):
@@ -71,7 +72,7 @@ def smooth(model: Transformer, act_max: dict[str, torch.Tensor], alpha: float = 
     """Scale every quantized Linear's weight columns by s (in place) and fold 1/s into the norm that
     feeds it; returns s for the layers whose input has no norm to fold into (the caller divides
     their inputs by it). Without quantization the model computes the same function."""
-    linears = target_linears(model)
+    linears = linear_targets(model, include=BLOCKS)
     unfolded: dict[str, torch.Tensor] = {}
     folded: set[str] = set()
     for index, block in enumerate(model.layers):
@@ -96,7 +97,7 @@ def quantize_model(model: Transformer, calib_ids: torch.Tensor, alpha: float = 0
     """Smooth with calibrated activation maxima, then replace every Linear of the blocks by a
     W8A8Linear in place; returns the "quantization" config section."""
     unfolded = smooth(model, activation_maxima(model, calib_ids, batch_size), alpha)
-    linears = target_linears(model)
+    linears = linear_targets(model, include=BLOCKS)
     for name, linear in linears.items():
         codes, scales, _ = quantize_rtn(linear.weight.detach(), 8, linear.in_features, symmetric=True)
         module = W8A8Linear(linear.in_features, linear.out_features, linear.bias is not None, smoothed=name in unfolded)

@@ -32,6 +32,7 @@ def build_app(
     num_draft: int = 4,
     model_name: str | None = None,
     device: str = "cpu",
+    dtype: str | None = None,
 ) -> Any:
     """The FastAPI app for a model directory. Adapters under MODEL_DIR/adapters/ are served by
     their directory names, plus `adapters` {name: path}. Speculative decoding drafts with
@@ -43,14 +44,14 @@ def build_app(
     from slmkit.serve.engine import Engine
     from slmkit.serve.speculative import DraftModel, MTPDrafter, early_exit_draft
 
-    model, tokenizer = load(model_dir, device)
+    model, tokenizer = load(model_dir, device, dtype)
     found = {p.name: str(p) for p in sorted((Path(model_dir) / "adapters").glob("*")) if p.is_dir()}
     adapters = {**found, **(adapters or {})}
     if (draft_model is not None) + (draft_layers is not None) + draft_mtp > 1:
         raise InputError("choose one drafter: a draft model directory, a number of early-exit layers or the MTP modules")
     drafter = None
     if draft_model is not None:
-        draft = load_model(draft_model, device)
+        draft = load_model(draft_model, device, dtype)
         if draft.cfg.vocab_size != model.cfg.vocab_size:
             raise InputError(f"the draft model's vocabulary ({draft.cfg.vocab_size}) differs from the model's "
                              f"({model.cfg.vocab_size}); it must share the tokenizer")

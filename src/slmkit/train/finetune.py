@@ -27,7 +27,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from slmkit.errors import InputError
-from slmkit.model.lora import inject_lora, quantize_int8, trainable_parameters
+from slmkit.model.lora import inject_lora, trainable_parameters
+from slmkit.quant.methods import quantize_int8
 from slmkit.train.metrics import MetricsLog
 from slmkit.train.optim import build_optimizer
 from slmkit.train.precision import resolve_precision

@@ -2,8 +2,8 @@
 
 The report (quant_report.md + quant_report.json in the output directory) gives the size on disk
 before and after, held-out perplexity before and after, and batch-1 greedy decode tokens/s before
-and after. With `max_ppl_increase` a result over budget raises `QualityBudgetError` and nothing
-is written.
+and after, and the group sizes chosen per layer when none was given. With `max_ppl_increase` a
+result over budget raises `QualityBudgetError` and nothing is written.
 """
 
 from __future__ import annotations
@@ -27,73 +27,19 @@ from slmkit.eval.perplexity import perplexity_of_texts
 from slmkit.generation import generate_ids
 from slmkit.model.io import load, save_model_dir
 from slmkit.model.transformer import Transformer
-from slmkit.quant import METHODS, fp8, gptq, smoothquant
 from slmkit.quant.calibration import calibration_windows
-from slmkit.quant.linear import QuantizedLinear, set_module, target_linears
-from slmkit.quant.rtn import check_group_size
-from slmkit.quant.rtn import quantize_rtn as quantize_weight
+from slmkit.quant.methods import (
+    GROUPED_BY_DEFAULT,
+    NEEDS_CALIBRATION,
+    check_method,
+    group_size_summary,
+    group_sizes,
+    quantize_model,
+)
 from slmkit.tokenizer import Tokenizer
 
-NEEDS_CALIBRATION = ("gptq", "smoothquant")
-DEFAULT_GROUP_SIZE = {"int8": None, "int4": 128, "gptq": 128, "smoothquant": None, "fp8": None}
 REPORT = "quant_report"
 _MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json")
-
-
-def resolve_group_size(method: str, group_size: int | None) -> int | None:
-    """None: the method's default; 0: one group per row (per channel), or per tensor for fp8."""
-    if method not in METHODS:
-        raise InputError(f"unknown quantization method {method!r}; choose one of {', '.join(METHODS)}")
-    if group_size is None:
-        return DEFAULT_GROUP_SIZE[method]
-    if group_size < 0:
-        raise InputError(f"group size must be >= 0 (0: per channel), not {group_size}")
-    if method == "smoothquant" and group_size:
-        raise InputError("smoothquant uses per-channel int8 weights; --group-size does not apply to it")
-    return group_size or None
-
-
-def check_group_sizes(model: Transformer, method: str, group_size: int | None) -> None:
-    """Fail before any calibration work when a group size does not fit some layer."""
-    bits = 4 if method in ("int4", "gptq") else 8
-    for name, linear in target_linears(model).items():
-        if group_size is not None or bits == 4:
-            check_group_size(name, linear.out_features, linear.in_features, group_size, bits)
-
-
-@torch.no_grad()
-def quantize_rtn(model: Transformer, bits: int, group_size: int | None, symmetric: bool = True) -> dict:
-    """Round-to-nearest int8/int4 of every Linear of the blocks, in place; returns the config section."""
-    linears = target_linears(model)
-    for name, linear in linears.items():
-        g = check_group_size(name, linear.out_features, linear.in_features, group_size, bits)
-        codes, scales, zeros = quantize_weight(linear.weight.detach(), bits, g, symmetric)
-        module = QuantizedLinear(linear.in_features, linear.out_features, linear.bias is not None, bits, g, symmetric)
-        module.set_weights(codes, scales, None if symmetric else zeros.to(torch.int8),
-                           bias=None if linear.bias is None else linear.bias.detach())
-        set_module(model, name, module.to(linear.weight.device))
-    return {"method": f"int{bits}", "bits": bits, "group_size": group_size, "symmetric": symmetric, "modules": list(linears)}
-
-
-def quantize_model(model: Transformer, method: str, *, group_size: int | None = None, symmetric: bool = True,
-                   calib_ids: torch.Tensor | None = None, alpha: float = 0.5, act_order: bool = False,
-                   damp: float = 0.01, progress: bool = False) -> dict:
-    """Quantize a model in memory (in place); returns the "quantization" section of its config.json.
-    `group_size` None is the method's default, 0 per channel (per tensor for fp8)."""
-    group_size = resolve_group_size(method, group_size)
-    check_group_sizes(model, method, group_size)
-    model.eval()
-    if method in NEEDS_CALIBRATION and calib_ids is None:
-        raise InputError(f"{method} needs calibration text: pass --calib FILES (text like the model's domain)")
-    if method in ("int8", "int4"):
-        return quantize_rtn(model, 8 if method == "int8" else 4, group_size, symmetric)
-    if method == "fp8":
-        return fp8.quantize_model(model, group_size)
-    if method == "gptq":
-        return gptq.quantize_model(model, calib_ids, 4, group_size, symmetric, act_order, damp, progress=progress)
-    if not 0 <= alpha <= 1:
-        raise InputError(f"smoothquant alpha must be between 0 and 1, not {alpha}")
-    return smoothquant.quantize_model(model, calib_ids, alpha)
 
 
 # ---------------------------------------------------------------------------- measuring
@@ -147,6 +93,8 @@ class QuantReport:
     eval_files: list[str]
     calibration: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
+    device: str = "cpu"  # where the model ran for the measurements
+    dtype: str = "float32"
 
     @property
     def ppl_increase_pct(self) -> float:
@@ -175,7 +123,8 @@ class QuantReport:
             lines.append(f"Calibration: {self.calibration['samples']} windows of {self.calibration['seq_len']} tokens "
                          f"from {', '.join(self.calibration['files'])}.")
         lines += self.notes
-        lines.append("Embeddings and lm_head stay in full precision; decode speed is PyTorch eager on this machine.")
+        lines.append(f"Embeddings and lm_head stay in full precision; decode speed is PyTorch eager on this machine "
+                     f"({self.device}, {self.dtype}).")
         return "\n".join(lines) + "\n"
 
 
@@ -198,11 +147,15 @@ def quantize(
     max_ppl_increase: float | None = None,
     seed: int = 0,
     force: bool = False,
+    device: str = "cpu",
+    dtype: str | None = None,
     progress: bool = False,
 ) -> QuantReport:
     """Quantize the model in `model_dir` with `method` and write a quantized model directory with
-    its quality report to `out`. Held-out text (`eval_paths`) defaults to the calibration files."""
-    resolve_group_size(method, group_size)  # bad method or group size: fail before any work
+    its quality report to `out`. Held-out text (`eval_paths`) defaults to the calibration files.
+    The model runs on `device` in `dtype` (as for `slmkit.load`), which is also the dtype of the
+    weights that stay in full precision."""
+    check_method(method, group_size)  # bad method or group size: fail before any work
     if Path(out).exists() and not force:
         raise OutputExistsError(f"output {out} already exists; pass --force to overwrite it")
     if method in NEEDS_CALIBRATION and not calib:
@@ -212,8 +165,9 @@ def quantize(
         raise InputError("the quality report needs held-out text: pass --eval FILES")
     if max_ppl_increase is not None and max_ppl_increase < 0:
         raise InputError(f"--max-ppl-increase must be >= 0 percent, not {max_ppl_increase}")
-    model, tokenizer = load(model_dir)
-    check_group_sizes(model, method, resolve_group_size(method, group_size))
+    model, tokenizer = load(model_dir, device, dtype)
+    sizes = group_sizes(model, method, group_size)  # a group size that does not fit: fail before calibrating
+    chosen = group_size_summary(model, sizes) if group_size is None and method in GROUPED_BY_DEFAULT else None
 
     calib_ids, calibration = None, None
     if method in NEEDS_CALIBRATION:
@@ -234,9 +188,11 @@ def quantize(
         raise QualityBudgetError(f"{method} raises perplexity by {increase:.2f}% ({before.perplexity:.3f} -> "
                                  f"{after.perplexity:.3f}), over the budget of {max_ppl_increase}%; nothing written")
 
-    settings = {k: v for k, v in section.items() if k not in ("method", "modules", "smoothed")}
+    settings = {k: v for k, v in section.items() if k not in ("method", "modules", "smoothed", "group_sizes")}
     if "group_size" in settings and settings["group_size"] is None:
         settings["group_size"] = "per tensor" if method == "fp8" else "per channel"
+    if chosen:
+        settings["group_size"] = chosen
     with atomic_dir(out, force=force) as tmp:
         for path in Path(model_dir).iterdir():  # tokenizer, generation settings, labels
             if path.is_file() and path.name not in _MODEL_FILES and not path.name.endswith(".safetensors") \
@@ -245,7 +201,8 @@ def quantize(
         save_model_dir(model, tmp, quantization=section)
         report = QuantReport(method, settings, weights_bytes(model_dir), weights_bytes(tmp), before.perplexity,
                              after.perplexity, tps_before, tps_after, before.tokens, [str(p) for p in eval_paths],
-                             calibration)
+                             calibration, device=str(model.embed_tokens.weight.device),
+                             dtype=str(model.embed_tokens.weight.dtype).removeprefix("torch."))
         if not math.isfinite(after.perplexity):
             report.notes.append("The quantized model's perplexity is not finite: its outputs overflow.")
         if eval_paths == list(calib or []):
