@@ -109,9 +109,13 @@ def encode_pieces(tokenizer: Tokenizer, pieces: Sequence[Piece]) -> Encoded:
                 pos = m.end()
             segments[-1] += piece.text[pos:]
         encoded = iter(tokenizer.encode_ordinary_batch([s for s in segments if isinstance(s, str) and s]))
-        run_ids = [t for s in segments for t in ((s,) if isinstance(s, int) else next(encoded) if s else ())]
-        ids += run_ids
-        mask += [generated] * len(run_ids)
+        start = len(ids)
+        for s in segments:
+            if isinstance(s, int):
+                ids.append(s)
+            elif s:
+                ids += next(encoded)
+        mask += [generated] * (len(ids) - start)
     return Encoded(ids, mask)
 
 
@@ -207,7 +211,10 @@ class ChatFormat:
         the stop tokens of its generation.json, as SFT wrote them; ChatML or None without one."""
         path = Path(directory) / "generation.json"
         generation = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-        return cls.for_tokenizer(tokenizer, generation.get("stop_tokens") or (), generation.get("template") or "model")
+        name, stops = generation.get("template") or "model", generation.get("stop_tokens") or ()
+        if not tokenizer.chat_template and name in BUILTINS:  # tuned before templates were written into the directory
+            return cls.builtin(name, tokenizer, stops)
+        return cls.for_tokenizer(tokenizer, stops, name)
 
     # ------------------------------------------------------------------ rendering
     def pieces(self, messages: list[dict[str, Any]], add_generation_prompt: bool) -> list[Piece]:
@@ -232,7 +239,8 @@ class ChatFormat:
         the last `{% generation %}` span when the template marks one, else all that the answer adds."""
         messages = to_messages(record)
         context, answer = split_answer(messages)
-        prompt = encode_pieces(self.tokenizer, prompt_pieces := self.pieces(context, True))
+        prompt_pieces = self.pieces(context, True)
+        prompt = encode_pieces(self.tokenizer, prompt_pieces)
         if answer is None:
             return Example(prompt.ids, [], prompt.assistant_mask)
         full = self.pieces(messages, False)

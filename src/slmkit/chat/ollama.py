@@ -11,8 +11,7 @@ than approximated.
 from __future__ import annotations
 
 from slmkit.chat.format import ChatFormat
-from slmkit.chat.render import render_pieces
-from slmkit.errors import ExportError, InputError, TokenizerError
+from slmkit.errors import ExportError, InputError
 
 ROLES = ("system", "user", "assistant")
 _PROBES = (
@@ -31,8 +30,7 @@ def _go_text(text: str) -> str:
 def ollama_template(chat_format: ChatFormat) -> str:
     """The Go template that renders what `chat_format.render(messages)` renders."""
     def render(roles: list[str], generation_prompt: bool) -> str:
-        messages = [{"role": r, "content": f"{r} text {i}"} for i, r in enumerate(roles)]
-        return "".join(p.text for p in render_pieces(chat_format.source, messages, generation_prompt, **chat_format.variables))
+        return chat_format.render([{"role": r, "content": f"{r} text {i}"} for i, r in enumerate(roles)], generation_prompt)
 
     refused = ExportError(f"an Ollama TEMPLATE cannot express the {chat_format.name} chat template (it does not write "
                           "one fixed block per message); export without --modelfile and write its TEMPLATE by hand")
@@ -40,7 +38,7 @@ def ollama_template(chat_format: ChatFormat) -> str:
         head, with_prompt = render([], False), render([], True)
         blocks = {}
         for role in ROLES:
-            pieces = render_pieces(chat_format.source, [{"role": role, "content": "x"}], False, **chat_format.variables)
+            pieces = chat_format.pieces([{"role": role, "content": "x"}], False)
             texts = [i for i, p in enumerate(pieces) if not p.template]
             before = "".join(p.text for p in pieces[: texts[0]]) if len(texts) == 1 else ""
             if len(texts) != 1 or not before.startswith(head):
@@ -53,7 +51,7 @@ def ollama_template(chat_format: ChatFormat) -> str:
             expected = head + "".join(blocks[r][0] + f"{r} text {i}" + blocks[r][1] for i, r in enumerate(roles))
             if render(roles, True) != expected + generation_prompt:
                 raise refused
-    except (TokenizerError, InputError):
+    except InputError:  # the template refuses a probe conversation
         raise refused from None
     actions = "".join(("{{ if " if i == 0 else "{{ else if ") + 'eq .Role "' + role + '" }}'
                       + _go_text(pre) + "{{ .Content }}" + _go_text(post) for i, (role, (pre, post)) in enumerate(blocks.items()))

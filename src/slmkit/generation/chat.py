@@ -1,7 +1,7 @@
 """Multi-turn chat: a history that fits the context window, and a REPL.
 
 The prompt format is the model's `ChatFormat` (`slmkit.chat`): the chat template it was tuned
-with, else ChatML when the tokenizer has `<|im_start|>`/`<|im_end|>`, else plain
+with, else ChatML when the tokenizer has the ChatML tokens, else plain
 "User: ...\\nAssistant: ..." text, which a model pretrained on dialogue transcripts can follow.
 When the history outgrows the context, the oldest exchanges are dropped.
 """
