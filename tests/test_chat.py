@@ -256,3 +256,11 @@ def test_unknown_template_names_and_tokenizer_errors(tokenizer, tmp_path):
             tokenizer.apply_chat_template([{"role": "user", "content": "x"}])
     finally:
         tokenizer.chat_template = None
+
+
+def test_a_directory_tuned_before_templates_were_written_keeps_its_template(tmp_path):
+    final = tiny_model_dir(tmp_path / "m")
+    generation = json.loads((final / "generation.json").read_text())
+    (final / "generation.json").write_text(json.dumps({**generation, "template": "alpaca"}))
+    _, tokenizer = slmkit.load(final)
+    assert ChatFormat.for_model(final, tokenizer).source == ChatFormat.builtin("alpaca", tokenizer).source
