@@ -135,7 +135,11 @@ def test_cli_writes_the_file_and_an_ollama_modelfile(llama_dir, tmp_path, capsys
     assert main(["export", "gguf", str(llama_dir), "--out", str(out), "--type", "q8_0", "--modelfile"]) == 0
     modelfile = (out.parent / "Modelfile").read_text()
     assert modelfile.startswith("FROM ./model.gguf\n")
-    assert 'TEMPLATE """{{- range .Messages }}<|im_start|>{{ .Role }}' in modelfile
+    assert ('TEMPLATE """{{ range .Messages }}'
+            '{{ if eq .Role "system" }}<|im_start|>system\n{{ .Content }}<|im_end|>\n'
+            '{{ else if eq .Role "user" }}<|im_start|>user\n{{ .Content }}<|im_end|>\n'
+            '{{ else if eq .Role "assistant" }}<|im_start|>assistant\n{{ .Content }}<|im_end|>\n'
+            '{{ end }}{{ end }}<|im_start|>assistant\n"""') in modelfile
     assert 'PARAMETER stop "<|im_end|>"' in modelfile and 'PARAMETER stop "<|endoftext|>"' in modelfile
     assert "PARAMETER temperature 0.0" in modelfile and "PARAMETER num_ctx 128" in modelfile
     assert main(["export", "gguf", str(llama_dir), "--out", str(out)]) == 2  # exists, no --force

@@ -10,7 +10,7 @@ from specialize_fixtures import tiny_model_dir, write_json
 
 from slmkit.errors import InputError
 from slmkit.finetune import finetune_sft
-from slmkit.generation.templates import get_template
+from slmkit.chat import ChatFormat
 from slmkit.tokenizer import Tokenizer
 from slmkit.train.finetune import FinetuneConfig
 from slmkit.train.objectives.sft import (
@@ -43,12 +43,12 @@ def test_shared_instruction_records_mask_exactly_the_template_prompt(tmp_path):
     data = json.loads(shared_path("llms-from-scratch-instruction", "instruction-data.json").read_text())[:4]
     model_dir = tiny_model_dir(tmp_path / "m", [r["instruction"] + " " + r["output"] for r in data])
     tokenizer = Tokenizer.load(model_dir)
-    template = get_template("alpaca", tokenizer)
+    template = ChatFormat.from_name("alpaca", tokenizer)
     objective = SupervisedFineTuning(template, 512, tokenizer.pad_id)
     examples = objective.prepare(data)
     batch = objective.collate(examples)
     for row, record in enumerate(data):
-        encoded = template.encode(record)
+        encoded = template.encode_record(record)
         n_prompt = len(encoded.prompt)
         targets = batch["targets"][row].tolist()
         assert targets[: n_prompt - 1] == [IGNORE] * (n_prompt - 1)

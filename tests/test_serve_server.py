@@ -25,7 +25,7 @@ from slmkit.errors import InputError
 from slmkit.generation.api import encode_prompt, generate_ids
 from slmkit.model import Transformer
 from slmkit.model.io import save_model_dir
-from slmkit.serve.chat_template import ChatTemplate
+from slmkit.chat import ChatFormat
 from slmkit.serve.server import build_app, running
 from slmkit.tokenizer import train_bpe
 
@@ -152,8 +152,8 @@ def test_chat_template_from_tokenizer_config(tmp_path):
     template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}[assistant]{% endif %}"
     directory = make_model_dir(tmp_path / "m", chat_template=template)
     _, tokenizer = slmkit.load(directory)
-    chat = ChatTemplate.for_model(directory, tokenizer)
-    assert tokenizer.decode(chat.render([{"role": "user", "content": "hi"}])) == "[user] hi\n[assistant]"
+    chat = ChatFormat.for_model(directory, tokenizer)
+    assert tokenizer.decode(chat.prompt_ids([{"role": "user", "content": "hi"}])) == "[user] hi\n[assistant]"
 
 
 def test_chat_without_a_template_is_a_clear_error(tmp_path):

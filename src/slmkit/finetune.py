@@ -25,10 +25,10 @@ from typing import Any
 import torch
 
 from slmkit._io import atomic_dir, write_json
+from slmkit.chat import ChatFormat
 from slmkit.data.records import read_records, split_records
 from slmkit.devices import resolve_device
 from slmkit.errors import InputError
-from slmkit.generation.templates import get_template
 from slmkit.model.classifier import SequenceClassifier, save_classifier
 from slmkit.model.io import load_model, save_model_dir
 from slmkit.model.lora import save_adapter
@@ -91,8 +91,10 @@ def _finish(tmp: Path, cfg: FinetuneConfig, result: FitResult, summary: dict[str
     write_json(tmp / "finetune_config.json", cfg.to_dict())
 
 
-def _save_lm(model, tokenizer: Tokenizer, base_dir: Path, target: Path, lora: bool, generation: dict[str, Any]) -> None:
-    """final/: the trained model directory, or (LoRA) the base model's files + adapters/default."""
+def _save_lm(model, tokenizer: Tokenizer, base_dir: Path, target: Path, lora: bool, generation: dict[str, Any],
+             chat_format: ChatFormat | None = None) -> None:
+    """final/: the trained model directory, or (LoRA) the base model's files + adapters/default;
+    with the chat template it was tuned in and that template's stop tokens."""
     if lora:
         target.mkdir(parents=True)
         for f in base_dir.iterdir():
@@ -104,6 +106,8 @@ def _save_lm(model, tokenizer: Tokenizer, base_dir: Path, target: Path, lora: bo
         write_json(gen_path, {**defaults, **generation, "adapter": ADAPTER})  # what `eval generate` applies
     else:
         save_model_dir(model, target, tokenizer, generation)
+    if chat_format is not None:
+        chat_format.save(target)
 
 
 # ---------------------------------------------------------------------- classification
@@ -276,7 +280,7 @@ def finetune_sft(
     model_dir = Path(model_dir)
     train_records, val_records, skipped = _instruction_data(data, fmt, skip_bad, val, val_fraction, cfg.seed)
     tokenizer = Tokenizer.load(model_dir)
-    fmt_ = get_template(template, tokenizer, model_dir)
+    fmt_ = ChatFormat.from_name(template, tokenizer, model_dir)
     torch.manual_seed(cfg.seed)
     model = load_model(model_dir).train()
     objective = SupervisedFineTuning(fmt_, max_length or model.cfg.context_length, _pad_id(tokenizer), train_on_prompt,
@@ -291,7 +295,7 @@ def finetune_sft(
         responses = generate_responses(model, fmt_, held, max_new_tokens, progress=progress)
         write_jsonl(tmp / "responses.jsonl", responses)
         scores = text_metrics(responses)
-        _save_lm(model, tokenizer, model_dir, tmp / "final", bool(lora), {"template": template})
+        _save_lm(model, tokenizer, model_dir, tmp / "final", bool(lora), {}, fmt_)
         _finish(tmp, cfg, result, {"template": template, "skipped records": skipped + bad_train + bad_val,
                                    "best val loss": result.best.get("loss", float("nan")), **scores},
                 model.cfg.to_dict(), "Instruction tuning report")
@@ -331,7 +335,7 @@ def finetune_dpo(
     model_dir = Path(model_dir)
     train_records, val_records, skipped = _instruction_data(data, fmt, skip_bad, val, val_fraction, cfg.seed)
     tokenizer = Tokenizer.load(model_dir)
-    fmt_ = get_template(template, tokenizer, model_dir)
+    fmt_ = ChatFormat.from_name(template, tokenizer, model_dir)
     dev = resolve_device(device)
     model = load_model(model_dir).to(dev).train()
     objective = DirectPreference(fmt_, max_length or model.cfg.context_length, _pad_id(tokenizer), beta)
@@ -346,7 +350,7 @@ def finetune_dpo(
     model.train()
     with atomic_dir(out, force=force) as tmp:
         result = fit(model, objective, train_ex, val_ex, cfg, tmp, progress=progress)
-        _save_lm(model, tokenizer, model_dir, tmp / "final", bool(lora), {"template": template})
+        _save_lm(model, tokenizer, model_dir, tmp / "final", bool(lora), {}, fmt_)
         start = {k: v for k, v in result.history[0].items() if k != "step"} if val_ex else {}
         summary = {"beta": beta, "reference": "precomputed" if precompute_ref else "adapters off" if lora else "frozen copy",
                    **{f"start val {k}": v for k, v in start.items()}, **{f"best val {k}": v for k, v in result.best.items()}}

@@ -45,7 +45,8 @@ def register_eval(eval_cmds: argparse._SubParsersAction, common: argparse.Argume
     p.add_argument("model", metavar="MODEL_DIR", help="model directory")
     p.add_argument("--data", required=True, metavar="FILE", help="instruction or chat records")
     p.add_argument("--out", default="responses.jsonl", metavar="FILE", help="output JSONL (default: responses.jsonl)")
-    p.add_argument("--template", choices=["alpaca", "chatml", "model"], help="prompt format (default: the one in generation.json)")
+    p.add_argument("--template", metavar="alpaca|chatml|model|FILE.jinja",
+                   help="chat template (default: the one the model was tuned with)")
     p.add_argument("--adapter", metavar="NAME", help="apply MODEL_DIR/adapters/NAME (default: the one in generation.json, if any)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="longest response (default: 128)")
     p.add_argument("--limit", type=int, help="only the first N records")

@@ -134,8 +134,9 @@ def _instruction_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL_DIR", help="model directory (trained here or imported)")
     p.add_argument("--data", required=True, metavar="FILE", help="records: JSON list, JSONL, CSV or TSV")
     p.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory: final/, metrics.jsonl, report.md")
-    p.add_argument("--template", choices=["alpaca", "chatml", "model"], default="alpaca",
-                   help="prompt format; model = the tokenizer's own chat template (default: alpaca)")
+    p.add_argument("--template", default="alpaca", metavar="alpaca|chatml|model|FILE.jinja",
+                   help="chat template: a built-in one, the tokenizer's own (model), or a Jinja file; the tuned model "
+                        "is chatted with, served and exported in it (default: alpaca)")
     p.add_argument("--val", metavar="FILE", help="validation records (default: a seeded --val-fraction of --data)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="held-out share of --data without --val (default: 0.1)")
     p.add_argument("--max-length", type=int, help="longest training sequence in tokens (default: the context length)")

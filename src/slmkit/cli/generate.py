@@ -83,6 +83,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
+    from slmkit.chat import ChatFormat
     from slmkit.generation.chat import ChatSession, repl
     from slmkit.generation.sampling import SamplingParams
     from slmkit.model.io import load
@@ -91,7 +92,9 @@ def cmd_chat(args: argparse.Namespace) -> None:
     settings = _settings(args)
     settings.pop("stop_tokens")  # the chat format decides what ends a reply
     max_new_tokens, seed = settings.pop("max_new_tokens", 256), settings.pop("seed", None)
-    repl(ChatSession(model, tokenizer, max_new_tokens, SamplingParams(**settings), seed), sys.stdin, sys.stdout)
+    session = ChatSession(model, tokenizer, max_new_tokens, SamplingParams(**settings), seed,
+                          ChatFormat.for_model(args.model, tokenizer))
+    repl(session, sys.stdin, sys.stdout)
 
 
 def cmd_eval_perplexity(args: argparse.Namespace) -> None:
@@ -141,8 +144,8 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
     p.set_defaults(handler=cmd_generate)
 
     p = commands.add_parser("chat", parents=[common], help="chat with a model in the terminal",
-                            description="Interactive chat on stdin. ChatML when the tokenizer has <|im_start|>/<|im_end|>, "
-                                        "else 'User: ... Assistant:' text. /reset clears the history, /exit or EOF quits. "
+                            description="Interactive chat on stdin, in the model's chat template (the one it was tuned with), "
+                                        "else ChatML when the tokenizer has its tokens, else 'User: ... Assistant:' text. /reset clears the history, /exit or EOF quits. "
                                         "The oldest turns are dropped when the history outgrows the context.")
     _sampling_options(p)
     p.set_defaults(handler=cmd_chat)

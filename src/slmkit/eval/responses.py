@@ -11,16 +11,16 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from slmkit.chat import ChatFormat, split_answer, to_messages
 from slmkit.errors import InputError
 from slmkit.generation.api import generate_ids
 from slmkit.generation.sampling import SamplingParams
-from slmkit.generation.templates import Template, split_answer, to_messages
 from slmkit.model.transformer import Transformer
 
 
 def generate_responses(
     model: Transformer,
-    template: Template,
+    template: ChatFormat,
     records: Sequence[dict[str, Any]],
     max_new_tokens: int = 128,
     batch_size: int = 16,
@@ -34,7 +34,7 @@ def generate_responses(
     out = []
     for i in tqdm(range(0, len(records), batch_size), desc="generate", unit="batch", disable=not progress):
         chunk = records[i : i + batch_size]
-        prompts = [template.encode(_prompt_only(r)).prompt[-budget:] for r in chunk]
+        prompts = [template.encode_record(_prompt_only(r)).prompt[-budget:] for r in chunk]
         for record, ids in zip(chunk, generate_ids(model, prompts, max_new_tokens, SamplingParams(temperature=0.0), template.stop_tokens)):
             ids = [t for t in ids if t not in template.stop_tokens]
             context, answer = split_answer(to_messages(record))
@@ -75,23 +75,22 @@ def eval_generate(
     progress: bool = True,
 ) -> list[dict[str, Any]]:
     """Generate greedy responses of a model directory for instruction records and write them to
-    `out` (JSONL). The template and adapter default to the ones the model was tuned with
-    (generation.json). `device` and `dtype` as for `slmkit.load`."""
+    `out` (JSONL). The template and adapter default to the ones the model was tuned with (its
+    chat template, as recorded in generation.json). `device` and `dtype` as for `slmkit.load`."""
     from slmkit.data.records import read_records
-    from slmkit.generation.templates import get_template
     from slmkit.model.io import generation_defaults, load
 
     defaults = generation_defaults(model_dir)
-    template = template or defaults.get("template")
     adapter = adapter or defaults.get("adapter")
-    if not template:
+    if not template and not defaults.get("template"):
         raise InputError(f"{model_dir} does not say which prompt template it was tuned with; pass --template alpaca|chatml|model")
     model, tokenizer = load(model_dir, device, dtype)
+    chat_format = ChatFormat.from_name(template, tokenizer, model_dir) if template else ChatFormat.for_model(model_dir, tokenizer)
     if adapter:
         from slmkit.model.lora import load_adapter
 
         load_adapter(model, Path(model_dir) / "adapters" / adapter, adapter)
     records = read_records(data, fmt=fmt, skip_bad=skip_bad).items[:limit]
-    rows = generate_responses(model.eval(), get_template(template, tokenizer, model_dir), records, max_new_tokens, progress=progress)
+    rows = generate_responses(model.eval(), chat_format, records, max_new_tokens, progress=progress)
     write_jsonl(out, rows)
     return rows

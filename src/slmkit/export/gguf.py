@@ -12,8 +12,10 @@ A configuration neither can express is refused with an error that names the feat
 
 The tokenizer goes in as `tokenizer.ggml.model = gpt2` (byte-level BPE): tokens, token types,
 merges, end-of-text id and the pre-tokenizer name llama.cpp matches to slmkit's split regex
-(`llama-bpe` for the gpt4 pattern, `gpt-2` for the gpt2 one). A ChatML chat template is added
-when the tokenizer has <|im_start|>/<|im_end|>, and `write_modelfile` writes the Ollama Modelfile.
+(`llama-bpe` for the gpt4 pattern, `gpt-2` for the gpt2 one). The model's chat format
+(`slmkit.chat.ChatFormat.for_model`: the template it was tuned with, else ChatML when the tokenizer
+has its tokens) goes in as `tokenizer.chat_template`, with the token that ends its assistant turns as
+the end-of-turn id; `write_modelfile` writes the Ollama Modelfile in the same format.
 """
 
 from __future__ import annotations
@@ -27,9 +29,10 @@ from typing import Literal
 import numpy as np
 import torch
 
+from slmkit.chat import ChatFormat
+from slmkit.chat.ollama import ollama_template
 from slmkit.config import ModelConfig
 from slmkit.errors import ExportError, InputError, MissingExtraError, OutputExistsError
-from slmkit.generation.chat import IM_END, IM_START
 from slmkit.model.io import generation_defaults, load
 from slmkit.model.transformer import Transformer
 from slmkit.tokenizer import Tokenizer
@@ -38,14 +41,6 @@ from slmkit.tokenizer.pretokenize import GPT2_PATTERN, GPT4_PATTERN, token_to_st
 GGUFType = Literal["f32", "f16", "q8_0", "q4_0"]
 GGUF_TYPES = ("f32", "f16", "q8_0", "q4_0")
 PRE_TOKENIZERS = {GPT4_PATTERN: "llama-bpe", GPT2_PATTERN: "gpt-2"}
-
-CHATML_TEMPLATE = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
-OLLAMA_CHATML_TEMPLATE = (
-    "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n"
-)
 
 
 def _import_gguf():
@@ -166,7 +161,7 @@ def encode_tensor(gguf, name: str, w: torch.Tensor, kind: GGUFType) -> tuple[np.
 
 
 # ---------------------------------------------------------------------------- metadata
-def add_tokenizer(gguf, writer, tokenizer: Tokenizer, vocab_size: int) -> None:
+def add_tokenizer(gguf, writer, tokenizer: Tokenizer, vocab_size: int, chat_format: ChatFormat | None = None) -> None:
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(pre_tokenizer(tokenizer))
     tokens, types = [], []
@@ -190,12 +185,10 @@ def add_tokenizer(gguf, writer, tokenizer: Tokenizer, vocab_size: int) -> None:
         writer.add_pad_token_id(tokenizer.pad_id)
     writer.add_add_bos_token(False)  # llama.cpp would otherwise add one for llama-bpe
     writer.add_add_eos_token(False)
-    if is_chatml(tokenizer):
-        writer.add_chat_template(CHATML_TEMPLATE)
-
-
-def is_chatml(tokenizer: Tokenizer) -> bool:
-    return IM_START in tokenizer.special_tokens and IM_END in tokenizer.special_tokens
+    if chat_format is not None:
+        writer.add_chat_template(chat_format.source)
+        if chat_format.stop_tokens:  # llama.cpp ends a turn at eos or eot
+            writer.add_eot_token_id(chat_format.stop_tokens[0])
 
 
 def add_hyperparameters(gguf, writer, cfg: ModelConfig, arch: str) -> None:
@@ -240,6 +233,9 @@ def export_gguf(
     model, tokenizer = load(model_dir)
     arch = gguf_architecture(model.cfg)
     pre_tokenizer(tokenizer)  # refuse before writing anything
+    chat_format = ChatFormat.for_model(model_dir, tokenizer)
+    if modelfile and chat_format:
+        ollama_template(chat_format)  # refuses a template Ollama cannot express
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     os.close(fd)
@@ -248,7 +244,7 @@ def export_gguf(
         writer.add_name(Path(model_dir).resolve().name)
         writer.add_file_type(getattr(gguf.LlamaFileType, FILE_TYPES[type]))
         add_hyperparameters(gguf, writer, model.cfg, arch)
-        add_tokenizer(gguf, writer, tokenizer, model.cfg.vocab_size)
+        add_tokenizer(gguf, writer, tokenizer, model.cfg.vocab_size, chat_format)
         tensors = llama_tensors(model) if arch == "llama" else gpt2_tensors(model)
         for name, w in tensors:
             data, qtype = encode_tensor(gguf, name, w, type)
@@ -263,25 +259,28 @@ def export_gguf(
         Path(tmp).unlink(missing_ok=True)
         raise
     if modelfile:
-        write_modelfile(out, tokenizer, generation_defaults(model_dir), model.cfg.context_length)
+        write_modelfile(out, tokenizer, generation_defaults(model_dir), model.cfg.context_length, chat_format)
     return out
 
 
 def write_modelfile(gguf_path: str | os.PathLike, tokenizer: Tokenizer, generation: dict | None = None,
-                    context_length: int | None = None) -> Path:
+                    context_length: int | None = None, chat_format: ChatFormat | None = None) -> Path:
     """An Ollama Modelfile beside the GGUF file (FROM, TEMPLATE, stop and sampling PARAMETERs),
-    so that `ollama create NAME -f Modelfile` works from that directory without edits."""
+    so that `ollama create NAME -f Modelfile` works from that directory without edits. The
+    TEMPLATE and stops are `chat_format`'s."""
     from slmkit._io import write_text_atomic
 
     gguf_path = Path(gguf_path)
     generation = generation or {}
     lines = [f"FROM ./{gguf_path.name}", ""]
-    template = OLLAMA_CHATML_TEMPLATE if is_chatml(tokenizer) else "{{ .Prompt }}"
+    template = "{{ .Prompt }}"
+    if chat_format is not None:
+        template = ollama_template(chat_format)
+        stops = [tokenizer.decode([t]) for t in chat_format.stop_tokens]
+    else:
+        stops = [t for t in generation.get("stop_tokens") or [] if isinstance(t, str)]
+        stops += [tokenizer.eot_token] if tokenizer.eot_token else []
     lines += [f'TEMPLATE """{template}"""', ""]
-    stops = [IM_END] if is_chatml(tokenizer) else []
-    stops += [t for t in generation.get("stop_tokens") or [] if isinstance(t, str)]
-    if tokenizer.eot_token:
-        stops.append(tokenizer.eot_token)
     for stop in dict.fromkeys(stops):
         lines.append(f'PARAMETER stop "{stop}"')
     for key, name in (("temperature", "temperature"), ("top_k", "top_k"), ("top_p", "top_p"), ("min_p", "min_p"),

@@ -6,29 +6,13 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from slmkit.chat import StopTokens, stop_token_ids
 from slmkit.errors import InputError
 from slmkit.generation.decode import beam_search, model_device, sample
 from slmkit.generation.sampling import SamplingParams
 from slmkit.generation.text import TextStream
 from slmkit.model.transformer import Transformer
 from slmkit.tokenizer import Tokenizer
-
-StopTokens = Sequence[int | str] | None
-
-
-def stop_token_ids(tokenizer: Tokenizer, stop_tokens: StopTokens) -> list[int]:
-    """Ids or token strings (as in generation.json) -> ids; None means the end-of-text token."""
-    if stop_tokens is None:
-        return [tokenizer.eot_id] if tokenizer.eot_token else []
-    known = {**tokenizer.added_tokens, **tokenizer.special_tokens}
-    ids = []
-    for token in stop_tokens:
-        if isinstance(token, str):
-            if token not in known:
-                raise InputError(f"stop token {token!r} is not a special or added token of this tokenizer")
-            token = known[token]
-        ids.append(token)
-    return ids
 
 
 def encode_prompt(tokenizer: Tokenizer, prompt: str) -> list[int]:

@@ -1,10 +1,9 @@
-"""Multi-turn chat: a prompt format, a history that fits the context window, and a REPL.
+"""Multi-turn chat: a history that fits the context window, and a REPL.
 
-A tokenizer with its own chat template (an imported instruct model's, from tokenizer_config.json)
-renders the prompt; otherwise, with `<|im_start|>`/`<|im_end|>` among the tokenizer's special
-tokens, the prompt is ChatML; otherwise it is plain "User: ...\\nAssistant: ..." text, which a model
-pretrained on dialogue transcripts can follow. When the history outgrows the context, the oldest
-exchanges are dropped.
+The prompt format is the model's `ChatFormat` (`slmkit.chat`): the chat template it was tuned
+with, else ChatML when the tokenizer has the ChatML tokens, else plain
+"User: ...\\nAssistant: ..." text, which a model pretrained on dialogue transcripts can follow.
+When the history outgrows the context, the oldest exchanges are dropped.
 """
 
 from __future__ import annotations
@@ -12,43 +11,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TextIO
 
+from slmkit.chat import ChatFormat
 from slmkit.errors import InputError
-from slmkit.generation.api import stop_token_ids, stream_ids
+from slmkit.generation.api import stream_ids
 from slmkit.generation.sampling import SamplingParams
 from slmkit.model.transformer import Transformer
 from slmkit.tokenizer import Tokenizer
-
-IM_START, IM_END = "<|im_start|>", "<|im_end|>"
-
-
-class ChatFormat:
-    """How a turn becomes token ids, and what ends the assistant's reply."""
-
-    def __init__(self, tokenizer: Tokenizer) -> None:
-        self.tokenizer = tokenizer
-        specials = tokenizer.special_tokens
-        self.chatml = IM_START in specials and IM_END in specials
-        self.stop = [] if self.chatml or tokenizer.chat_template else ["\nUser:"]
-        self.stop_tokens = stop_token_ids(tokenizer, None) + ([specials[IM_END]] if self.chatml else [])
-
-    def render(self, history: list[tuple[str, str]]) -> list[int]:
-        """The whole conversation as prompt ids, ending where the assistant's reply begins."""
-        if self.tokenizer.chat_template:
-            messages = [{"role": role, "content": content} for role, content in history]
-            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        return [token for role, content in history for token in self.turn(role, content)] + self.reply_prefix()
-
-    def turn(self, role: str, content: str) -> list[int]:
-        encode = self.tokenizer.encode_ordinary  # what the user types is never a special token
-        if self.chatml:
-            specials = self.tokenizer.special_tokens
-            return [specials[IM_START], *encode(f"{role}\n{content}"), specials[IM_END], *encode("\n")]
-        return encode(f"{role.capitalize()}: {content}\n")
-
-    def reply_prefix(self) -> list[int]:
-        if self.chatml:
-            return [self.tokenizer.special_tokens[IM_START], *self.tokenizer.encode_ordinary("assistant\n")]
-        return self.tokenizer.encode_ordinary("Assistant:")
 
 
 class ChatSession:
@@ -59,9 +27,10 @@ class ChatSession:
     """
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, max_new_tokens: int = 256,
-                 params: SamplingParams | None = None, seed: int | None = None) -> None:
-        self.model, self.format = model, ChatFormat(tokenizer)
-        self.tokenizer = tokenizer
+                 params: SamplingParams | None = None, seed: int | None = None,
+                 chat_format: ChatFormat | None = None) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        self.format = chat_format or ChatFormat.for_tokenizer(tokenizer) or ChatFormat.builtin("plain", tokenizer)
         self.reply_tokens = max(1, min(max_new_tokens, model.cfg.context_length // 2))
         self.params = params or SamplingParams()
         self.seed = seed
@@ -70,15 +39,18 @@ class ChatSession:
     def reset(self) -> None:
         self.history = []
 
+    def render(self, history: list[tuple[str, str]]) -> list[int]:
+        return self.format.prompt_ids([{"role": role, "content": content} for role, content in history])
+
     def prompt_ids(self) -> list[int]:
         """The history as a prompt, after dropping the oldest exchanges that do not fit. A new message
         that cannot fit even alone is taken back out of the history."""
         budget = self.model.cfg.context_length - self.reply_tokens
-        alone = len(self.format.render(self.history[-1:]))
+        alone = len(self.render(self.history[-1:]))
         if alone > budget:
             self.history.pop()
             raise InputError(f"the message is {alone} tokens as a prompt; at most {budget} fit in the context with room for a reply")
-        while len(ids := self.format.render(self.history)) > budget:
+        while len(ids := self.render(self.history)) > budget:
             self.history.pop(0)
             if self.history[0][0] == "assistant":  # drop the whole exchange
                 self.history.pop(0)

@@ -20,10 +20,10 @@ from concurrent.futures import Future
 from contextlib import asynccontextmanager
 from typing import Any
 
+from slmkit.chat import ChatFormat
 from slmkit.errors import InputError, MissingExtraError
 from slmkit.generation.api import encode_prompt
 from slmkit.generation.sampling import SamplingParams
-from slmkit.serve.chat_template import ChatTemplate
 from slmkit.serve.engine import Engine, Output, Request
 from slmkit.serve.metrics import ServerMetrics
 from slmkit.tokenizer import Tokenizer
@@ -204,10 +204,10 @@ class _BodyTooLarge(Exception):
 class Server:
     """Turns OpenAI requests into engine requests and engine outputs into OpenAI responses."""
 
-    def __init__(self, engine: Engine, tokenizer: Tokenizer, model_name: str, chat_template: ChatTemplate | None,
+    def __init__(self, engine: Engine, tokenizer: Tokenizer, model_name: str, chat_format: ChatFormat | None,
                  defaults: dict[str, Any], api_key: str | None, max_queue: int) -> None:
         self.engine, self.tokenizer, self.model_name = engine, tokenizer, model_name
-        self.chat_template, self.defaults, self.api_key = chat_template, defaults, api_key
+        self.chat_format, self.defaults, self.api_key = chat_format, defaults, api_key
         self.max_active = engine.max_seqs + max_queue
         self.active = 0
         self.loop = EngineLoop(engine)
@@ -386,16 +386,16 @@ class Server:
         return await self.respond(http, body, request, chat=False)
 
     async def chat(self, http: HTTPRequest, body: ChatBody) -> Response:
-        if self.chat_template is None:
+        if self.chat_format is None:
             raise APIError(400, "this model has no chat template (no chat_template in tokenizer_config.json and no "
-                                "<|im_start|>/<|im_end|> tokens); use /v1/completions")
+                                "ChatML tokens); use /v1/completions")
         try:
-            prompt = self.chat_template.render([m.model_dump() for m in body.messages])
+            prompt = self.chat_format.prompt_ids([m.model_dump() for m in body.messages])
         except InputError as e:
             raise APIError(400, str(e)) from None
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        request = self.engine_request(body, prompt, self.chat_template.stop_tokens, logprobs, max_tokens)
+        request = self.engine_request(body, prompt, self.chat_format.stop_tokens, logprobs, max_tokens)
         return await self.respond(http, body, request, chat=True)
 
     async def embeddings(self, body: EmbeddingBody) -> Response:
@@ -430,14 +430,14 @@ def create_app(
     tokenizer: Tokenizer,
     model_name: str,
     *,
-    chat_template: ChatTemplate | None = None,
+    chat_format: ChatFormat | None = None,
     defaults: dict[str, Any] | None = None,
     api_key: str | None = None,
     max_queue: int = 256,
     max_body_bytes: int = 1 << 20,
 ) -> FastAPI:
     """The FastAPI app serving `engine`; the engine thread starts and stops with the app."""
-    server = Server(engine, tokenizer, model_name, chat_template, defaults or {}, api_key, max_queue)
+    server = Server(engine, tokenizer, model_name, chat_format, defaults or {}, api_key, max_queue)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

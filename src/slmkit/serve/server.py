@@ -38,9 +38,9 @@ def build_app(
     their directory names, plus `adapters` {name: path}. Speculative decoding drafts with
     `draft_model` (a smaller model directory with the same tokenizer) or with the model's own
     first `draft_layers` layers or, with `draft_mtp`, its own multi-token-prediction modules."""
+    from slmkit.chat import ChatFormat
     from slmkit.model.io import generation_defaults, load, load_model
     from slmkit.serve.app import create_app
-    from slmkit.serve.chat_template import ChatTemplate
     from slmkit.serve.engine import Engine
     from slmkit.serve.speculative import DraftModel, MTPDrafter, early_exit_draft
 
@@ -64,7 +64,7 @@ def build_app(
                     max_seqs=max_seqs, prefix_caching=prefix_caching, drafter=drafter, num_draft=num_draft,
                     adapters=adapters or None)
     name = model_name or Path(model_dir).resolve().name
-    return create_app(engine, tokenizer, name, chat_template=ChatTemplate.for_model(model_dir, tokenizer),
+    return create_app(engine, tokenizer, name, chat_format=ChatFormat.for_model(model_dir, tokenizer),
                       defaults=generation_defaults(model_dir), api_key=api_key, max_queue=max_queue)
 
 

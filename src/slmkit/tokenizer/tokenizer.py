@@ -19,13 +19,14 @@ from typing import Literal
 
 import regex
 
+from slmkit.chat.templates import CHATML_TOKENS
 from slmkit.errors import TokenizerError
 from slmkit.tokenizer.fast import FastEncoder
 from slmkit.tokenizer.reference import ReferenceEncoder
 
 EOT = "<|endoftext|>"
 PAD = "<|pad|>"
-DEFAULT_SPECIAL_TOKENS = (EOT, PAD, "<|im_start|>", "<|im_end|>")
+DEFAULT_SPECIAL_TOKENS = (EOT, PAD, *CHATML_TOKENS)
 
 Backend = Literal["fast", "reference", "hf"]
 AllowedSpecial = Literal["all"] | Collection[str]
@@ -210,17 +211,25 @@ class Tokenizer:
 
     # ----------------------------------------------------------------- chat
     def apply_chat_template(
-        self, messages: list[dict], add_generation_prompt: bool = False, tokenize: bool = False, **variables
-    ) -> str | list[int]:
+        self, messages: list[dict], add_generation_prompt: bool = False, tokenize: bool = False,
+        return_assistant_tokens_mask: bool = False, **variables
+    ) -> str | list[int] | dict[str, list[int]]:
         """Render `messages` ([{"role": ..., "content": ...}]) with the tokenizer's Jinja chat template
-        (from tokenizer_config.json), in a sandbox; the text, or its ids when `tokenize`."""
-        from slmkit.tokenizer.chat_template import render_chat_template
+        (from tokenizer_config.json), in a sandbox; the text, or its ids when `tokenize` (message text
+        never becomes special tokens). With `return_assistant_tokens_mask`, as transformers:
+        {"input_ids", "assistant_masks"}, 1 on the ids inside `{% generation %}` blocks."""
+        from slmkit.chat import encode_pieces, render_pieces
 
         if not self.chat_template:
             raise TokenizerError("this tokenizer has no chat template (tokenizer_config.json has no chat_template)")
         specials = {"bos_token": self.bos_token, "eos_token": self.eot_token, "pad_token": self.pad_token}
-        text = render_chat_template(self.chat_template, messages, add_generation_prompt, **{**specials, **variables})
-        return self.encode(text, allowed_special="all") if tokenize else text
+        pieces = render_pieces(self.chat_template, messages, add_generation_prompt, **{**specials, **variables})
+        if not tokenize:
+            return "".join(p.text for p in pieces)
+        encoded = encode_pieces(self, pieces)
+        if return_assistant_tokens_mask:
+            return {"input_ids": encoded.ids, "assistant_masks": [int(m) for m in encoded.assistant_mask]}
+        return encoded.ids
 
     # ----------------------------------------------------------------- decoding
     def decode_bytes(self, ids: list[int]) -> bytes:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from slmkit.errors import InputError
-from slmkit.generation.templates import Template
+from slmkit.chat import ChatFormat
 from slmkit.model.lora import adapters_disabled, lora_layers
 from slmkit.train.objectives.sft import (
     IGNORE,
@@ -79,7 +79,7 @@ class DirectPreference:
     metric = "reward_accuracy"
     higher_is_better = True
 
-    def __init__(self, template: Template, max_len: int, pad_id: int, beta: float = 0.1,
+    def __init__(self, template: ChatFormat, max_len: int, pad_id: int, beta: float = 0.1,
                  reference: nn.Module | None = None, eval_batch_size: int = 8) -> None:
         if beta <= 0:
             raise InputError(f"--beta must be positive, not {beta}")
@@ -90,8 +90,8 @@ class DirectPreference:
         out = []
         for r in records:
             prompt_record, chosen, rejected = preference_messages(r)
-            prompt = self.template.encode(prompt_record).prompt
-            answers = [self.template.encode(_with_answer(prompt_record, text)).response for text in (chosen, rejected)]
+            prompt = self.template.encode_record(prompt_record).prompt
+            answers = [self.template.encode_record(_with_answer(prompt_record, text)).response for text in (chosen, rejected)]
             out.append(PreferenceExample(*(build_example(prompt, a, self.max_len) for a in answers)))
         return out
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from slmkit.errors import InputError
-from slmkit.generation.templates import Template
+from slmkit.chat import ChatFormat
 from slmkit.model.transformer import Transformer
 
 IGNORE = -100
@@ -29,18 +29,19 @@ class SFTExample:
     labels: list[int]  # IGNORE where no loss is taken
 
 
-def build_example(prompt: list[int], response: list[int], max_len: int, train_on_prompt: bool = False) -> SFTExample:
+def build_example(prompt: list[int], response: list[int], max_len: int, train_on_prompt: bool = False,
+                  prompt_mask: Sequence[bool] = ()) -> SFTExample:
     """Prompt + response, cut to `max_len + 1` tokens (inputs and shifted targets both fit the
-    context); the prompt is cut from the left so that the response keeps its start."""
+    context); the prompt is cut from the left so that the response keeps its start. Prompt tokens
+    take loss where `prompt_mask` is True (earlier assistant turns), or all with `train_on_prompt`."""
     if not response:
         raise InputError("a training record has an empty response")
+    trained = [train_on_prompt or bool(m) for m in prompt_mask] if prompt_mask else [train_on_prompt] * len(prompt)
     room = max_len + 1 - len(response)
-    if room < 1:
-        response, prompt = response[: max_len], prompt[-1:]
-    else:
-        prompt = prompt[-room:]
+    keep = 1 if room < 1 else room
+    prompt, trained, response = prompt[-keep:], trained[-keep:], response[: max_len] if room < 1 else response
     ids = prompt + response
-    labels = (list(prompt) if train_on_prompt else [IGNORE] * len(prompt)) + list(response)
+    labels = [t if train else IGNORE for t, train in zip(prompt, trained)] + list(response)
     return SFTExample(ids, labels)
 
 
@@ -94,7 +95,7 @@ class SupervisedFineTuning:
     metric = "loss"
     higher_is_better = False
 
-    def __init__(self, template: Template, max_len: int, pad_id: int, train_on_prompt: bool = False, eval_batch_size: int = 16,
+    def __init__(self, template: ChatFormat, max_len: int, pad_id: int, train_on_prompt: bool = False, eval_batch_size: int = 16,
                  pack: bool = False) -> None:
         self.template, self.max_len, self.pad_id = template, max_len, pad_id
         self.train_on_prompt, self.eval_batch_size, self.pack = train_on_prompt, eval_batch_size, pack
@@ -102,10 +103,10 @@ class SupervisedFineTuning:
     def prepare(self, records: Sequence[dict[str, Any]]) -> list[SFTExample]:
         out = []
         for r in records:
-            encoded = self.template.encode(r)
+            encoded = self.template.encode_record(r)
             if not encoded.response:
                 raise InputError(f"{r.get('_source', 'a record')}: empty response (no output / assistant message)")
-            out.append(build_example(encoded.prompt, encoded.response, self.max_len, self.train_on_prompt))
+            out.append(build_example(encoded.prompt, encoded.response, self.max_len, self.train_on_prompt, encoded.prompt_mask))
         return out
 
     def collate(self, examples: Sequence[SFTExample]) -> dict[str, torch.Tensor]:
