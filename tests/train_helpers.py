@@ -46,15 +46,15 @@ def train_on_a_cycle(model, steps: int = 60, lr: float = 1e-2):
     drafts are nearly always right; returns it in eval mode."""
     import torch
 
-    from slmkit.train.objectives.lm import LanguageModeling
+    from slmkit.train.loop import model_losses
+    from slmkit.train.objectives.lm import next_token_loss
 
     model.train()
     pattern = torch.arange(7).repeat(7)[None, :48]
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
-    objective = LanguageModeling()
     for _ in range(steps):
-        loss = objective.loss(model(pattern[:, :-1]), pattern[:, 1:])
-        (loss + objective.extra_loss(model, pattern[:, 1:])).backward()
+        loss = next_token_loss(model(pattern[:, :-1]), pattern[:, 1:])
+        (loss + model_losses(model, pattern[:, 1:])[0]).backward()
         optimizer.step()
         optimizer.zero_grad()
     return model.eval()
