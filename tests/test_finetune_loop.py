@@ -23,7 +23,7 @@ from slmkit.generation.templates import get_template
 from slmkit.tokenizer import Tokenizer
 from slmkit.train import TrainConfig
 from slmkit.train import checkpoint as ckpt
-from slmkit.train.metrics import read_metrics
+from slmkit.train.run_metrics import read_metrics
 from slmkit.train.precision import Precision
 
 BIN = Path(sys.executable).parent
@@ -151,7 +151,9 @@ def test_two_process_ddp_sft_matches_one_process(tmp_path):
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     one, two = curve(tmp_path / "one"), curve(tmp_path / "two")
     assert [r[0] for r in one] == [r[0] for r in two] and len(one) == 4 + 3  # 4 steps, validation at 0, 2, 4
-    for a, b in zip(one, two):  # float sums in other orders and pad widths: agreement to ~1e-6 measured
+    gaps = [abs(x - y) / abs(x) for a, b in zip(one, two) for x, y in zip(a[1:], b[1:]) if x is not None and x != 0]
+    print(f"largest relative gap between one and two processes: {max(gaps):.2e}")
+    for a, b in zip(one, two):  # sums in other orders, other pad widths
         assert [x for x in a if x is not None] == pytest.approx([x for x in b if x is not None], rel=1e-4)
     assert (tmp_path / "two" / "final" / "model.safetensors").is_file()
 

@@ -11,7 +11,7 @@ from slmkit.config import ModelConfig
 from slmkit.errors import InputError
 from slmkit.model import Transformer
 from slmkit.train import TrainConfig, lr_at
-from slmkit.train.metrics import flops_per_token
+from slmkit.train.run_metrics import flops_per_token
 from slmkit.train.objectives import LanguageModeling, MaskedLanguageModeling
 from slmkit.train.objectives.lm import next_token_loss
 from slmkit.train.optim import param_groups

@@ -8,7 +8,7 @@ from pathlib import Path
 from slmkit.data import prepare
 from slmkit.tokenizer import train_bpe
 from slmkit.train import TrainConfig, pretrain
-from slmkit.train.metrics import read_metrics
+from slmkit.train.run_metrics import read_metrics
 
 SMALL = dict(d_model=32, n_layers=1, n_heads=2, n_kv_heads=2, context_length=32)
 # The `tiny` preset memorizes the ~9k tokens of the-verdict: loss 0.09 after 190 steps at lr 2e-3

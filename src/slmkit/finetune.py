@@ -124,7 +124,7 @@ def _prepare_each(objective, records: Sequence[dict[str, Any]], skip_bad: bool) 
 
 def _finish(tmp: Path, cfg: FinetuneConfig, result: FitResult, summary: dict[str, Any], model_cfg: dict[str, Any], title: str) -> None:
     """loss.png and report.md in run directory `tmp`."""
-    from slmkit.train.metrics import read_metrics
+    from slmkit.train.run_metrics import read_metrics
 
     plotted = plot_losses(read_metrics(tmp / "metrics.jsonl"), tmp / "loss.png")
     summary = {

@@ -38,7 +38,7 @@ from slmkit.model.lora import trainable_parameters
 from slmkit.model.moe import balance_step
 from slmkit.train import checkpoint as ckpt
 from slmkit.train.distributed import Dist
-from slmkit.train.metrics import MetricsLog
+from slmkit.train.run_metrics import MetricsLog
 from slmkit.train.objectives import Objective
 from slmkit.train.objectives.lm import multi_token_loss
 from slmkit.train.optim import build_optimizer

@@ -21,7 +21,7 @@ from slmkit.train import checkpoint as ckpt
 from slmkit.train.accel import compile_or_eager, enable_activation_checkpointing
 from slmkit.train.distributed import setup as setup_distributed
 from slmkit.train.loop import FitResult, Loop
-from slmkit.train.metrics import flops_per_token, measure_peak_flops, read_metrics
+from slmkit.train.run_metrics import flops_per_token, measure_peak_flops, read_metrics
 from slmkit.train.objectives import objective_for
 from slmkit.train.precision import resolve_precision
 from slmkit.train.recipe import TrainConfig
