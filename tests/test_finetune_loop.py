@@ -263,7 +263,7 @@ def test_warmup_is_derived_from_the_run_length_unless_given(tmp_path, capsys):
         assert lrs[:steps] == pytest.approx([1e-3 * (i + 1) / steps for i in range(steps)])
         assert lrs[steps - 1] == pytest.approx(1e-3)
         out = capsys.readouterr().out
-        said = "warmup: 2 steps, derived from the run's 20 steps (at most 10% of them); pass --warmup-steps N to choose"
+        said = "warmup: 2 steps, derived from the run's 20 steps, at most 10% of them; pass --warmup-steps N to choose"
         assert (said in out) == (warmup is None), out
         report = (tmp_path / name / "report.md").read_text()
         assert ("| warmup steps | 2 (derived from the run length) |" in report) == (warmup is None)

@@ -174,8 +174,8 @@ class Loop:
     def fit(self) -> FitResult:
         cfg, dist = self.cfg, self.dist
         if dist.main and cfg.warmup_steps is None:
-            print(f"warmup: {cfg.warmup} steps, derived from the run's {cfg.max_steps} steps "
-                  "(at most 10% of them); pass --warmup-steps N to choose")
+            print(f"warmup: {cfg.warmup} steps, derived from the run's {cfg.max_steps} steps, at most 10% of them; "
+                  "pass --warmup-steps N to choose")
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc=self.objective.name, unit="step",
                    disable=not (self.progress and dist.main))
         _reset_peak_memory(dist.device)
