@@ -29,7 +29,8 @@ from slmkit.model import Transformer
 from slmkit.model.inspect import count_parameters, kv_cache_comparison
 from slmkit.model.moe import balance_step
 from slmkit.model.mtp import speculative_greedy
-from slmkit.train.objectives.lm import LanguageModeling
+from slmkit.train.loop import model_losses
+from slmkit.train.objectives.lm import next_token_loss
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare"
 BASE = dict(vocab_size=256, context_length=128, d_model=128, n_layers=4, n_heads=4, norm="rmsnorm", mlp="swiglu",
@@ -46,7 +47,6 @@ def train(cfg: ModelConfig, data: torch.Tensor, steps: int, batch: int, seed: in
     torch.manual_seed(seed)
     model = Transformer(cfg).train()
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
-    objective = LanguageModeling()
     gen = torch.Generator().manual_seed(seed)
     losses, times, balance = [], [], []
     t = cfg.context_length
@@ -54,8 +54,8 @@ def train(cfg: ModelConfig, data: torch.Tensor, steps: int, batch: int, seed: in
         starts = torch.randint(0, len(data) - t - 1, (batch,), generator=gen)
         window = torch.stack([data[s : s + t + 1] for s in starts])
         start = time.perf_counter()
-        loss = objective.loss(model(window[:, :-1]), window[:, 1:])
-        extra = objective.extra_loss(model, window[:, 1:])
+        loss = next_token_loss(model(window[:, :-1]), window[:, 1:])
+        extra, _ = model_losses(model, window[:, 1:])
         (loss if extra is None else loss + extra).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -18,7 +18,8 @@ from slmkit.config import ModelConfig
 from slmkit.model.transformer import Transformer
 from slmkit.serve.engine import Engine, Request
 from slmkit.serve.speculative import MTPDrafter
-from slmkit.train.objectives.lm import LanguageModeling
+from slmkit.train.loop import model_losses
+from slmkit.train.objectives.lm import next_token_loss
 
 SIZES = {
     "d_model 32, 2 layers, vocab 128": dict(vocab_size=128, context_length=64, d_model=32, n_layers=2, n_heads=4,
@@ -35,9 +36,8 @@ def trained_on_a_cycle(size: dict, lr: float, steps: int = 60) -> Transformer:
     length = model.cfg.context_length
     cycle = torch.arange(7).repeat(length)[None, :length]
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
-    objective = LanguageModeling()
     for _ in range(steps):
-        loss = objective.loss(model(cycle[:, :-1]), cycle[:, 1:]) + objective.extra_loss(model, cycle[:, 1:])
+        loss = next_token_loss(model(cycle[:, :-1]), cycle[:, 1:]) + model_losses(model, cycle[:, 1:])[0]
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()

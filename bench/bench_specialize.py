@@ -58,7 +58,7 @@ def pretrain_base(out: Path, minutes: float, steps: int) -> Path:
 
 def run_variant(base: Path, out: Path, variant: str, steps: int) -> dict:
     from slmkit.finetune import finetune_classify
-    from slmkit.train.finetune import FinetuneConfig
+    from slmkit.finetune import FinetuneConfig
 
     cfg = FinetuneConfig(max_steps=steps, batch_size=16, warmup_steps=20, eval_every=50, patience=4, **VARIANTS[variant])
     start = time.perf_counter()

@@ -17,7 +17,7 @@ from slmkit.errors import InputError
 from slmkit.finetune import finetune_classify
 from slmkit.model.classifier import SequenceClassifier, encode_texts, pool
 from slmkit.model.transformer import Transformer
-from slmkit.train.finetune import FinetuneConfig
+from slmkit.finetune import FinetuneConfig
 
 
 def test_pooling_reads_the_right_positions():

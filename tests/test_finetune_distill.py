@@ -13,7 +13,7 @@ from slmkit.data import prepare
 from slmkit.errors import InputError
 from slmkit.finetune import finetune_distill
 from slmkit.train import TrainConfig, pretrain
-from slmkit.train.finetune import FinetuneConfig
+from slmkit.finetune import FinetuneConfig
 from slmkit.train.objectives.distill import distillation_loss
 
 

@@ -46,7 +46,7 @@ def test_record_shapes():
 def test_dpo_reward_accuracy_and_margins_rise_on_held_out_pairs(tmp_path):
     data, texts = preference_data(tmp_path, 100)
     model_dir = tiny_model_dir(tmp_path / "m", texts, vocab_size=400, context_length=160)
-    from slmkit.train.finetune import FinetuneConfig
+    from slmkit.finetune import FinetuneConfig
 
     cfg = FinetuneConfig(max_steps=24, lr=2e-3, warmup_steps=2, eval_every=12, batch_size=8)
     result = finetune_dpo(model_dir, data, tmp_path / "run", beta=0.1, val_fraction=0.2, cfg=cfg, progress=False)
@@ -62,7 +62,7 @@ def test_dpo_reward_accuracy_and_margins_rise_on_held_out_pairs(tmp_path):
 def test_precomputed_and_adapter_references_match_the_frozen_copy_at_the_start(tmp_path):
     data, texts = preference_data(tmp_path, 20)
     model_dir = tiny_model_dir(tmp_path / "m", texts, vocab_size=400, context_length=160)
-    from slmkit.train.finetune import FinetuneConfig
+    from slmkit.finetune import FinetuneConfig
 
     runs = {
         "copy": finetune_dpo(model_dir, data, tmp_path / "a", cfg=FinetuneConfig(max_steps=1, eval_every=0), progress=False),

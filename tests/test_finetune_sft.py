@@ -12,7 +12,7 @@ from slmkit.errors import InputError
 from slmkit.finetune import finetune_sft
 from slmkit.chat import ChatFormat
 from slmkit.tokenizer import Tokenizer
-from slmkit.train.finetune import FinetuneConfig
+from slmkit.finetune import FinetuneConfig
 from slmkit.train.objectives.sft import (
     IGNORE,
     SupervisedFineTuning,

@@ -11,7 +11,7 @@ from train_helpers import SMALL, losses, run
 from slmkit.config import ModelConfig
 from slmkit.model import Transformer
 from slmkit.train import TrainConfig, pretrain
-from slmkit.train.metrics import read_metrics
+from slmkit.train.run_metrics import read_metrics
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

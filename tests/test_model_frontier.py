@@ -25,7 +25,8 @@ from slmkit.model.mtp import speculative_greedy
 from slmkit.quant import fp8
 from slmkit.quant.linear import FP8Linear, FP8TrainingLinear, use_fp8_linears
 from slmkit.quant.methods import quantize_model
-from slmkit.train.objectives.lm import LanguageModeling, multi_token_loss
+from slmkit.train.loop import model_losses
+from slmkit.train.objectives.lm import multi_token_loss
 
 SMALL = dict(vocab_size=97, context_length=48, d_model=32, n_layers=2, n_heads=4, init_std=0.3)
 MLA = dict(attention_kind="mla", kv_lora_rank=12, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6)
@@ -203,7 +204,8 @@ def test_mtp_logits_and_loss_shapes_and_masking() -> None:
     expected = sum(torch.nn.functional.cross_entropy(l[:, : 6 - k].flatten(0, 1), y[:, k:6].flatten())
                    for k, l in enumerate(logits, start=1)) / 3
     assert multi_token_loss(logits, masked).item() == pytest.approx(expected.item(), rel=1e-6)
-    total = LanguageModeling().extra_loss(model, y)
+    total, logs = model_losses(model, y)
+    assert logs["mtp_loss"].item() == pytest.approx(loss.item(), rel=1e-6)
     assert total.item() == pytest.approx(0.3 * loss.item(), rel=1e-6)
     total.backward()
     assert model.mtp.layers[2].eh_proj.weight.grad.abs().sum() > 0

@@ -21,7 +21,7 @@ from train_helpers import OVERFIT_MODEL, OVERFIT_STEPS, SMALL, losses, make_data
 from slmkit.cli import main
 from slmkit.data import load_shards
 from slmkit.tokenizer import train_bpe
-from slmkit.train.metrics import read_metrics
+from slmkit.train.run_metrics import read_metrics
 
 BIN = Path(sys.executable).parent
 

@@ -11,8 +11,9 @@ from slmkit.config import ModelConfig
 from slmkit.errors import InputError
 from slmkit.model import Transformer
 from slmkit.train import TrainConfig, lr_at
-from slmkit.train.metrics import flops_per_token
+from slmkit.train.run_metrics import flops_per_token
 from slmkit.train.objectives import LanguageModeling, MaskedLanguageModeling
+from slmkit.train.objectives.lm import next_token_loss
 from slmkit.train.optim import param_groups
 from slmkit.train.precision import resolve_precision
 
@@ -50,7 +51,9 @@ def test_lm_objective_is_next_token_cross_entropy():
     inputs, targets = LanguageModeling().batch(x, y)
     assert inputs is x and targets is y
     logits = torch.zeros(1, 3, 8)
-    assert LanguageModeling().loss(logits, targets).item() == pytest.approx(math.log(8))
+    assert next_token_loss(logits, targets).item() == pytest.approx(math.log(8))
+    batch = LanguageModeling().collate(list(zip(inputs, targets)))
+    assert torch.equal(batch["input_ids"], x) and torch.equal(batch["targets"], y)
 
 
 def test_mlm_masks_15_percent_80_10_10():

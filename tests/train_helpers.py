@@ -8,7 +8,7 @@ from pathlib import Path
 from slmkit.data import prepare
 from slmkit.tokenizer import train_bpe
 from slmkit.train import TrainConfig, pretrain
-from slmkit.train.metrics import read_metrics
+from slmkit.train.run_metrics import read_metrics
 
 SMALL = dict(d_model=32, n_layers=1, n_heads=2, n_kv_heads=2, context_length=32)
 # The `tiny` preset memorizes the ~9k tokens of the-verdict: loss 0.09 after 190 steps at lr 2e-3
@@ -46,15 +46,15 @@ def train_on_a_cycle(model, steps: int = 60, lr: float = 1e-2):
     drafts are nearly always right; returns it in eval mode."""
     import torch
 
-    from slmkit.train.objectives.lm import LanguageModeling
+    from slmkit.train.loop import model_losses
+    from slmkit.train.objectives.lm import next_token_loss
 
     model.train()
     pattern = torch.arange(7).repeat(7)[None, :48]
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
-    objective = LanguageModeling()
     for _ in range(steps):
-        loss = objective.loss(model(pattern[:, :-1]), pattern[:, 1:])
-        (loss + objective.extra_loss(model, pattern[:, 1:])).backward()
+        loss = next_token_loss(model(pattern[:, :-1]), pattern[:, 1:])
+        (loss + model_losses(model, pattern[:, 1:])[0]).backward()
         optimizer.step()
         optimizer.zero_grad()
     return model.eval()

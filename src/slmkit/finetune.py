@@ -6,8 +6,11 @@ knowledge distillation, each with full fine-tuning or LoRA/QLoRA (`FinetuneConfi
                                cfg=FinetuneConfig(max_steps=300, lr=3e-4))
     print(result.metrics["accuracy"])
 
-A run directory holds metrics.jsonl, report.md (+ loss.png), and `final/`: a model directory
-(for classification, a classifier directory) — with LoRA, the unchanged base model files plus
+Every task trains in the one training loop (`slmkit.train.loop`), so each has gradient
+accumulation, fp16 loss scaling, the model's MoE/MTP losses, DDP under `torchrun`, trackers,
+checkpoints and `resume=True`. A run directory holds metrics.jsonl, report.md (+ loss.png),
+finetune_config.json, `checkpoints/step-N/`, and `final/`: a model directory (for
+classification, a classifier directory) — with LoRA, the unchanged base model files plus
 `adapters/default/`.
 """
 
@@ -17,12 +20,13 @@ import copy
 import json
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from slmkit._io import atomic_dir, write_json
 from slmkit.chat import ChatFormat
@@ -31,16 +35,22 @@ from slmkit.devices import resolve_device
 from slmkit.errors import InputError
 from slmkit.model.classifier import SequenceClassifier, save_classifier
 from slmkit.model.io import load_model, save_model_dir
-from slmkit.model.lora import save_adapter
+from slmkit.model.lora import inject_lora, save_adapter
+from slmkit.quant.methods import quantize_int8
 from slmkit.tokenizer import Tokenizer
-from slmkit.train.finetune import FinetuneConfig, FitResult, apply_lora, fit
+from slmkit.train import checkpoint as ckpt
+from slmkit.train.distributed import Dist
+from slmkit.train.distributed import setup as setup_distributed
+from slmkit.train.loop import FitResult, Loop
 from slmkit.train.objectives.classify import (
     Classification,
     ClassificationExample,
     balanced_class_weights,
     classification_metrics,
 )
+from slmkit.train.recipe import FinetuneConfig
 from slmkit.train.report import plot_losses, write_report
+from slmkit.train.sources import ShuffledEpochs
 
 ADAPTER = "default"
 
@@ -55,6 +65,50 @@ class FinetuneResult:
     @property
     def trainable_fraction(self) -> float:
         return self.fit.trainable / self.fit.total
+
+
+def apply_lora(backbone: nn.Module, cfg: FinetuneConfig) -> list[str]:
+    """Freeze `backbone` (int8 under QLoRA) and add the `default` adapter; [] without LoRA."""
+    if not cfg.lora_rank:
+        return []
+    if cfg.qlora:
+        quantize_int8(backbone)
+    return inject_lora(backbone, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
+
+
+def _device(device: str | None, dist: Dist) -> torch.device:
+    """--device; auto under torchrun is this process's device (cuda:LOCAL_RANK), else as `resolve_device`."""
+    if dist.enabled and device in (None, "auto"):
+        return dist.device
+    return resolve_device(device)
+
+
+def _fit(model: nn.Module, objective, train: Sequence[Any], val: Sequence[Any], cfg: FinetuneConfig, out: Path,
+         save: Callable[[Path], Any], dist: Dist, *, resume: bool, force: bool, progress: bool) -> FitResult:
+    """Run the training loop on prepared examples in run directory `out` (continuing its newest
+    checkpoint with `resume`); afterwards the model holds the best evaluation's weights."""
+    if not len(train):
+        raise InputError("no training examples")
+    ckpt.check_run_dir(out, resume, force)
+    dist.barrier()
+    latest = ckpt.latest_checkpoint(out) if resume else None
+    state = ckpt.load_state(latest) if latest else None
+    if dist.main:
+        ckpt.prepare_run_dir(out, force and not resume, "finetune_config.json", cfg.to_dict())
+    dist.barrier()
+    loop = Loop(model, objective, ShuffledEpochs(train, cfg.seed), val, cfg, out, save, state=state, dist=dist,
+                weights_in_state=True, restore_best=True, patience=cfg.patience, progress=progress)
+    return loop.fit()
+
+
+def _save_final(out: Path, save: Callable[[Path], Any]) -> None:
+    with atomic_dir(out / "final", force=True) as final:
+        save(final)
+
+
+def _done(dist: Dist) -> None:
+    dist.barrier()
+    dist.close()
 
 
 def _prepare_each(objective, records: Sequence[dict[str, Any]], skip_bad: bool) -> tuple[list[Any], int]:
@@ -73,7 +127,8 @@ def _prepare_each(objective, records: Sequence[dict[str, Any]], skip_bad: bool) 
 
 
 def _finish(tmp: Path, cfg: FinetuneConfig, result: FitResult, summary: dict[str, Any], model_cfg: dict[str, Any], title: str) -> None:
-    from slmkit.train.metrics import read_metrics
+    """loss.png and report.md in run directory `tmp`."""
+    from slmkit.train.run_metrics import read_metrics
 
     plotted = plot_losses(read_metrics(tmp / "metrics.jsonl"), tmp / "loss.png")
     summary = {
@@ -81,6 +136,7 @@ def _finish(tmp: Path, cfg: FinetuneConfig, result: FitResult, summary: dict[str
         "total parameters": result.total,
         "trainable fraction": result.trainable / result.total,
         "steps": result.steps,
+        "warmup steps": f"{cfg.warmup}" + (" (derived from the run length)" if cfg.warmup_steps is None else ""),
         "best step": result.best_step,
         "stopped early": str(result.stopped_early),
         "step time (s, median)": result.step_seconds,
@@ -88,7 +144,6 @@ def _finish(tmp: Path, cfg: FinetuneConfig, result: FitResult, summary: dict[str
         **summary,
     }
     write_report(tmp / "report.md", summary, cfg.to_dict(), model_cfg, plotted, title=title)
-    write_json(tmp / "finetune_config.json", cfg.to_dict())
 
 
 def _save_lm(model, tokenizer: Tokenizer, base_dir: Path, target: Path, lora: bool, generation: dict[str, Any],
@@ -96,7 +151,7 @@ def _save_lm(model, tokenizer: Tokenizer, base_dir: Path, target: Path, lora: bo
     """final/: the trained model directory, or (LoRA) the base model's files + adapters/default;
     with the chat template it was tuned in and that template's stop tokens."""
     if lora:
-        target.mkdir(parents=True)
+        target.mkdir(parents=True, exist_ok=True)
         for f in base_dir.iterdir():
             if f.is_file():
                 shutil.copy2(f, target / f.name)
@@ -132,6 +187,7 @@ def finetune_classify(
     cfg: FinetuneConfig | None = None,
     device: str | None = None,
     force: bool = False,
+    resume: bool = False,
     progress: bool = True,
 ) -> FinetuneResult:
     """Replace the LM head with a classification head and fine-tune on labelled text.
@@ -168,7 +224,8 @@ def finetune_classify(
         return out_
 
     train_ex, val_ex, test_ex = examples(items), examples(val_items), examples(test_items)
-    dev = resolve_device(device)
+    dist = setup_distributed()
+    dev = _device(device, dist)
     tokenizer = Tokenizer.load(model_dir)
     torch.manual_seed(cfg.seed)
     backbone = load_model(model_dir).train()
@@ -180,23 +237,28 @@ def finetune_classify(
     model.to(dev)
     weights = balanced_class_weights([e.label for e in train_ex], len(labels)) if class_weights == "balanced" else None
     objective = Classification(tokenizer, labels, max_length or backbone.cfg.context_length, weights)
-    with atomic_dir(out, force=force) as tmp:
-        result = fit(model, objective, train_ex, val_ex, cfg, tmp, progress=progress)
-        final_ex = test_ex or val_ex
-        metrics = classification_metrics([e.label for e in final_ex], objective.predict(model, final_ex), labels) if final_ex else {}
-        split = "test" if test_ex else "validation"
-        if metrics:
-            write_json(tmp / "metrics.json", {"split": split, **metrics})
-            (tmp / "confusion.md").write_text(confusion_markdown(metrics, labels, split), encoding="utf-8")
-            plot_confusion(metrics["confusion"], labels, tmp / "confusion.png")
-        save_classifier(model, tmp / "final", tokenizer, adapter=ADAPTER if lora else None,
-                        backbone_dir=model_dir if lora else None)
+
+    def save(target: Path) -> None:
+        save_classifier(model, target, tokenizer, adapter=ADAPTER if lora else None, backbone_dir=model_dir if lora else None)
         if lora:
-            save_adapter(backbone, tmp / "final" / "adapters" / ADAPTER, ADAPTER, base_model=str(model_dir))
+            save_adapter(backbone, target / "adapters" / ADAPTER, ADAPTER, base_model=str(model_dir))
+
+    out = Path(out)
+    result = _fit(model, objective, train_ex, val_ex, cfg, out, save, dist, resume=resume, force=force, progress=progress)
+    final_ex = test_ex or val_ex
+    metrics = classification_metrics([e.label for e in final_ex], objective.predict(model, final_ex), labels) if final_ex else {}
+    split = "test" if test_ex else "validation"
+    if dist.main:
+        if metrics:
+            write_json(out / "metrics.json", {"split": split, **metrics})
+            (out / "confusion.md").write_text(confusion_markdown(metrics, labels, split), encoding="utf-8")
+            plot_confusion(metrics["confusion"], labels, out / "confusion.png")
+        _save_final(out, save)
         summary = {f"{split} {k}": v for k, v in metrics.items() if isinstance(v, float)}
-        _finish(tmp, cfg, result, {"labels": ", ".join(labels), "skipped records": skipped, **summary},
+        _finish(out, cfg, result, {"labels": ", ".join(labels), "skipped records": skipped, **summary},
                 backbone.cfg.to_dict(), "Classification fine-tuning report")
-    return FinetuneResult(Path(out), result, metrics, skipped)
+    _done(dist)
+    return FinetuneResult(out, result, metrics, skipped)
 
 
 def _read_optional(path, fields_, fmt, header, skip_bad) -> list[dict[str, Any]]:
@@ -267,6 +329,7 @@ def finetune_sft(
     cfg: FinetuneConfig | None = None,
     device: str | None = None,
     force: bool = False,
+    resume: bool = False,
     progress: bool = True,
 ) -> FinetuneResult:
     """Instruction-tune on Alpaca-style or chat records; loss on response tokens only (unless
@@ -288,18 +351,26 @@ def finetune_sft(
     train_ex, bad_train = _prepare_each(objective, train_records, skip_bad)
     val_ex, bad_val = _prepare_each(objective, val_records, skip_bad)
     lora = apply_lora(model, cfg)
-    model.to(resolve_device(device))
-    with atomic_dir(out, force=force) as tmp:
-        result = fit(model, objective, train_ex, val_ex, cfg, tmp, progress=progress)
+    dist = setup_distributed()
+    model.to(_device(device, dist))
+
+    def save(target: Path) -> None:
+        _save_lm(model, tokenizer, model_dir, target, bool(lora), {}, fmt_)
+
+    out = Path(out)
+    result = _fit(model, objective, train_ex, val_ex, cfg, out, save, dist, resume=resume, force=force, progress=progress)
+    scores = {}
+    if dist.main:
         held = val_records[:max_responses] if max_responses else val_records
         responses = generate_responses(model, fmt_, held, max_new_tokens, progress=progress)
-        write_jsonl(tmp / "responses.jsonl", responses)
+        write_jsonl(out / "responses.jsonl", responses)
         scores = text_metrics(responses)
-        _save_lm(model, tokenizer, model_dir, tmp / "final", bool(lora), {}, fmt_)
-        _finish(tmp, cfg, result, {"template": template, "skipped records": skipped + bad_train + bad_val,
+        _save_final(out, save)
+        _finish(out, cfg, result, {"template": template, "skipped records": skipped + bad_train + bad_val,
                                    "best val loss": result.best.get("loss", float("nan")), **scores},
                 model.cfg.to_dict(), "Instruction tuning report")
-    return FinetuneResult(Path(out), result, {**result.best, **scores}, skipped + bad_train + bad_val)
+    _done(dist)
+    return FinetuneResult(out, result, {**result.best, **scores}, skipped + bad_train + bad_val)
 
 
 def _pad_id(tokenizer: Tokenizer) -> int:
@@ -323,6 +394,7 @@ def finetune_dpo(
     cfg: FinetuneConfig | None = None,
     device: str | None = None,
     force: bool = False,
+    resume: bool = False,
     progress: bool = True,
 ) -> FinetuneResult:
     """Align to preference records (prompt or instruction[+input], chosen, rejected) with DPO.
@@ -336,7 +408,8 @@ def finetune_dpo(
     train_records, val_records, skipped = _instruction_data(data, fmt, skip_bad, val, val_fraction, cfg.seed)
     tokenizer = Tokenizer.load(model_dir)
     fmt_ = ChatFormat.from_name(template, tokenizer, model_dir)
-    dev = resolve_device(device)
+    dist = setup_distributed()
+    dev = _device(device, dist)
     model = load_model(model_dir).to(dev).train()
     objective = DirectPreference(fmt_, max_length or model.cfg.context_length, _pad_id(tokenizer), beta)
     train_ex, bad_train = _prepare_each(objective, train_records, skip_bad)
@@ -348,14 +421,20 @@ def finetune_dpo(
     elif not lora:
         objective.reference = copy.deepcopy(model).eval().requires_grad_(False)
     model.train()
-    with atomic_dir(out, force=force) as tmp:
-        result = fit(model, objective, train_ex, val_ex, cfg, tmp, progress=progress)
-        _save_lm(model, tokenizer, model_dir, tmp / "final", bool(lora), {}, fmt_)
-        start = {k: v for k, v in result.history[0].items() if k != "step"} if val_ex else {}
+
+    def save(target: Path) -> None:
+        _save_lm(model, tokenizer, model_dir, target, bool(lora), {}, fmt_)
+
+    out = Path(out)
+    result = _fit(model, objective, train_ex, val_ex, cfg, out, save, dist, resume=resume, force=force, progress=progress)
+    start = {k: v for k, v in result.history[0].items() if k != "step"} if val_ex else {}
+    if dist.main:
+        _save_final(out, save)
         summary = {"beta": beta, "reference": "precomputed" if precompute_ref else "adapters off" if lora else "frozen copy",
                    **{f"start val {k}": v for k, v in start.items()}, **{f"best val {k}": v for k, v in result.best.items()}}
-        _finish(tmp, cfg, result, summary, model.cfg.to_dict(), "Preference alignment (DPO) report")
-    return FinetuneResult(Path(out), result, {**result.best, **{f"start_{k}": v for k, v in start.items()}},
+        _finish(out, cfg, result, summary, model.cfg.to_dict(), "Preference alignment (DPO) report")
+    _done(dist)
+    return FinetuneResult(out, result, {**result.best, **{f"start_{k}": v for k, v in start.items()}},
                           skipped + bad_train + bad_val)
 
 
@@ -375,6 +454,7 @@ def finetune_distill(
     cfg: FinetuneConfig | None = None,
     device: str | None = None,
     force: bool = False,
+    resume: bool = False,
     progress: bool = True,
 ) -> FinetuneResult:
     """Train a student on token shards (`slmkit data prepare`) against a teacher's softened
@@ -398,7 +478,8 @@ def finetune_distill(
         raise InputError(f"teacher {teacher_dir} and student {student_dir} use different tokenizers; "
                          "distillation compares their next-token distributions token by token, so they must share one")
     check_same_tokenizer(tokenizer, str(data), str(teacher_dir))
-    dev = resolve_device(device)
+    dist = setup_distributed()
+    dev = _device(device, dist)
     teacher = load_model(teacher_dir).to(dev)
     torch.manual_seed(cfg.seed)
     if student_dir is not None:
@@ -415,13 +496,19 @@ def finetune_distill(
     lora = apply_lora(student, cfg)
     student.to(dev).train()
     objective = Distillation(teacher, temperature, alpha, DTYPES[teacher_precision] if teacher_precision != "fp32" else None)
-    with atomic_dir(out, force=force) as tmp:
-        result = fit(student, objective, train, val, cfg, tmp, progress=progress)
+
+    def save(target: Path) -> None:
         if lora:
-            _save_lm(student, tokenizer, Path(student_dir), tmp / "final", True, {})
+            _save_lm(student, tokenizer, Path(student_dir), target, True, {})
         else:
-            save_model_dir(student, tmp / "final", tokenizer)
-        _finish(tmp, cfg, result, {"teacher": str(teacher_dir), "temperature": temperature, "alpha": alpha,
+            save_model_dir(student, target, tokenizer)
+
+    out = Path(out)
+    result = _fit(student, objective, train, val, cfg, out, save, dist, resume=resume, force=force, progress=progress)
+    if dist.main:
+        _save_final(out, save)
+        _finish(out, cfg, result, {"teacher": str(teacher_dir), "temperature": temperature, "alpha": alpha,
                                    **{f"best val {k}": v for k, v in result.best.items()}},
                 student.cfg.to_dict(), "Distillation report")
-    return FinetuneResult(Path(out), result, dict(result.best))
+    _done(dist)
+    return FinetuneResult(out, result, dict(result.best))

@@ -121,7 +121,7 @@ def planned_steps(cfg: ModelConfig, batch_size: int, minutes: float, mfu: float 
     import torch
 
     from slmkit.model import Transformer
-    from slmkit.train.metrics import flops_per_token, measure_peak_flops
+    from slmkit.train.run_metrics import flops_per_token, measure_peak_flops
 
     with torch.device("meta"):
         per_token = flops_per_token(Transformer(cfg))

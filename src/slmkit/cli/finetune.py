@@ -4,22 +4,38 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from slmkit.cli.common import device_options
 from slmkit.config import parse_overrides
 
+# flag -> FinetuneConfig key (defaults live in FinetuneConfig)
 _TRAINING = ("max_steps", "max_minutes", "batch_size", "grad_accum", "lr", "min_lr", "warmup_steps", "weight_decay",
-             "clip", "precision", "eval_every", "patience", "log_every", "seed", "lora_rank", "lora_alpha",
-             "lora_dropout", "lora_targets", "qlora")
+             "clip", "precision", "eval_every", "patience", "log_every", "save_every", "keep_checkpoints", "seed", "log_to",
+             "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "qlora")
 
 
 def _config(args: argparse.Namespace):
-    from slmkit.train.finetune import FinetuneConfig
+    """FinetuneConfig from the resumed run's saved settings, then --config, then the flags given."""
+    from slmkit.finetune import FinetuneConfig
+    from slmkit.train import load_recipe
 
-    values = {k: getattr(args, k) for k in _TRAINING if getattr(args, k, None) is not None}
-    if "lora_targets" in values:
-        values["lora_targets"] = [t.strip() for t in values["lora_targets"].split(",") if t.strip()]
-    return FinetuneConfig(**values)
+    values: dict = {}
+    saved = Path(args.out) / "finetune_config.json"
+    if args.resume and saved.is_file():  # a resumed run keeps its settings
+        values = json.loads(saved.read_text(encoding="utf-8"))
+    if args.config:
+        values.update(load_recipe(args.config))
+    values.update({k: getattr(args, k) for k in _TRAINING if getattr(args, k, None) is not None})
+    values.setdefault("lr", args.default_lr)
+    for key in ("lora_targets", "log_to"):
+        if isinstance(values.get(key), str):
+            values[key] = [t.strip() for t in values[key].split(",") if t.strip()]
+    return FinetuneConfig.from_dict(values)
+
+
+def _run_options(args: argparse.Namespace) -> dict:
+    return {"cfg": _config(args), "device": args.device, "force": args.force, "resume": args.resume, "progress": not args.quiet}
 
 
 def _print_result(result) -> None:
@@ -40,8 +56,7 @@ def cmd_classify_train(args: argparse.Namespace) -> None:
         args.model, args.train, args.out, text_field=args.text_field, label_field=args.label_field, val=args.val,
         test=args.test, val_fraction=args.val_fraction, test_fraction=args.test_fraction, fmt=args.format,
         header={"auto": None, "yes": True, "no": False}[args.header], pooling=args.pooling, train_layers=args.train_layers,
-        class_weights=args.class_weights, max_length=args.max_length, skip_bad=args.skip_bad, cfg=_config(args),
-        device=args.device, force=args.force, progress=not args.quiet)
+        class_weights=args.class_weights, max_length=args.max_length, skip_bad=args.skip_bad, **_run_options(args))
     _print_result(result)
     print(f"confusion matrix: {result.run_dir}/confusion.md")
 
@@ -53,7 +68,7 @@ def cmd_sft(args: argparse.Namespace) -> None:
         args.model, args.data, args.out, template=args.template, val=args.val, val_fraction=args.val_fraction,
         fmt=args.format, train_on_prompt=args.train_on_prompt, pack=args.pack, max_length=args.max_length,
         max_new_tokens=args.max_new_tokens, max_responses=args.max_responses, skip_bad=args.skip_bad,
-        cfg=_config(args), device=args.device, force=args.force, progress=not args.quiet)
+        **_run_options(args))
     _print_result(result)
     print(f"held-out responses: {result.run_dir}/responses.jsonl")
 
@@ -64,8 +79,7 @@ def cmd_dpo(args: argparse.Namespace) -> None:
     result = finetune_dpo(
         args.model, args.data, args.out, beta=args.beta, template=args.template, val=args.val,
         val_fraction=args.val_fraction, fmt=args.format, precompute_ref=args.precompute_ref,
-        max_length=args.max_length, skip_bad=args.skip_bad, cfg=_config(args), device=args.device,
-        force=args.force, progress=not args.quiet)
+        max_length=args.max_length, skip_bad=args.skip_bad, **_run_options(args))
     _print_result(result)
 
 
@@ -75,8 +89,7 @@ def cmd_distill(args: argparse.Namespace) -> None:
     result = finetune_distill(
         args.teacher, args.data, args.out, student_dir=args.student, student_preset=args.student_preset,
         student_overrides=parse_overrides(args.set) if args.set else None, temperature=args.temperature,
-        alpha=args.alpha, teacher_precision=args.teacher_precision, cfg=_config(args), device=args.device,
-        force=args.force, progress=not args.quiet)
+        alpha=args.alpha, teacher_precision=args.teacher_precision, **_run_options(args))
     _print_result(result)
 
 
@@ -99,24 +112,31 @@ def cmd_lora_merge(args: argparse.Namespace) -> None:
 
 
 def _training_options(p: argparse.ArgumentParser, lr: float = 1e-4) -> None:
-    g = p.add_argument_group("training (as for pretrain)")
+    g = p.add_argument_group("training (as for pretrain; runs unchanged under `torchrun --nproc_per_node=K`)")
+    g.add_argument("--config", metavar="FILE", help="YAML or JSON recipe with the same keys as these flags; flags override it")
     g.add_argument("--max-steps", type=int, help="optimizer steps (default: 300)")
-    g.add_argument("--max-minutes", type=float, help="stop after this many minutes")
-    g.add_argument("--batch-size", type=int, help="records per micro-step (default: 8)")
+    g.add_argument("--max-minutes", type=float, help="stop (with a checkpoint) after this many minutes")
+    g.add_argument("--batch-size", type=int, help="records per micro-step over all processes (default: 8)")
     g.add_argument("--grad-accum", type=int, help="micro-steps per optimizer step (default: 1)")
-    g.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default: {lr:g})")
+    g.add_argument("--lr", type=float, help=f"peak learning rate (default: {lr:g})")
+    p.set_defaults(default_lr=lr)
     g.add_argument("--min-lr", type=float, help="learning rate at the end of the cosine decay (default: lr/10)")
-    g.add_argument("--warmup-steps", type=int, help="linear warmup steps (default: 10)")
+    g.add_argument("--warmup-steps", type=int, help="linear warmup steps (default: min(10, 10%% of --max-steps))")
     g.add_argument("--weight-decay", type=float, help="AdamW weight decay of weight matrices (default: 0)")
     g.add_argument("--clip", type=float, help="max global gradient norm, 0 to disable (default: 1.0)")
     g.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], help="auto: fp32 on CPU, bf16/fp16 on GPU")
     g.add_argument("--eval-every", type=int, help="steps between validation runs; 0: only at the end (default: 50)")
     g.add_argument("--patience", type=int, help="early stop after N validations without improvement (default: 0, off)")
     g.add_argument("--log-every", type=int, help="steps between metrics.jsonl lines (default: 10)")
+    g.add_argument("--log-to", metavar="TRACKERS", help="also send metrics to experiment trackers, comma-separated: "
+                                                        "tensorboard, wandb, mlflow (each needs its package)")
+    g.add_argument("--save-every", type=int, help="steps between checkpoints, 0 for only the last (default: 0)")
+    g.add_argument("--keep-checkpoints", type=int, help="checkpoints to keep (default: 3)")
     g.add_argument("--seed", type=int, help="seed of initialization, data order and splits (default: 0)")
-    g.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps "
-                                                    "(default: auto); --precision sets the compute dtype")
-    g.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    g.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU; cuda:LOCAL_RANK under torchrun), cpu, "
+                                                    "cuda, cuda:N or mps (default: auto); --precision sets the compute dtype")
+    g.add_argument("--resume", action="store_true", help="continue --out from its newest complete checkpoint")
+    g.add_argument("--force", action="store_true", help="delete --out if it exists and start over")
     g = p.add_argument_group("LoRA / QLoRA")
     g.add_argument("--lora-rank", type=int, help="train rank-R LoRA adapters instead of the weights (default: off)")
     g.add_argument("--lora-alpha", type=float, help="LoRA scale numerator: updates are scaled by alpha/rank (default: 16)")

@@ -44,7 +44,8 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
     )
     p.add_argument("--data", metavar="DIR", help="token shards directory from `slmkit data prepare`")
     p.add_argument("--out", metavar="RUN_DIR", help="run directory: checkpoints/, final/, metrics.jsonl, report.md")
-    p.add_argument("--recipe", metavar="FILE", default=None, help="YAML or JSON file with the same keys as the flags")
+    p.add_argument("--recipe", "--config", dest="recipe", metavar="FILE", default=None,
+                   help="YAML or JSON file with the same keys as the flags")
     p.add_argument("--preset", help="model preset (default: tiny)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a model config field (repeatable)")
     p.add_argument("--tokenizer", metavar="DIR", help="tokenizer the data was prepared with (default: the --init model's, else the copy in DATA)")
@@ -55,7 +56,7 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
     p.add_argument("--grad-accum", type=int, help="micro-steps per optimizer step (default: 1)")
     p.add_argument("--lr", type=float, help="peak learning rate (default: 6e-4)")
     p.add_argument("--min-lr", type=float, help="learning rate at the end of the cosine decay (default: lr/10)")
-    p.add_argument("--warmup-steps", type=int, help="linear warmup steps (default: 100)")
+    p.add_argument("--warmup-steps", type=int, help="linear warmup steps (default: min(100, 10%% of --max-steps))")
     p.add_argument("--weight-decay", type=float, help="AdamW weight decay of weight matrices (default: 0.1)")
     p.add_argument("--clip", type=float, help="max global gradient norm, 0 to disable (default: 1.0)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], help="auto: fp32 on CPU, bf16/fp16 on GPU")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +19,9 @@ import numpy as np
 import torch
 
 from slmkit._io import atomic_dir, write_json
-from slmkit.errors import InputError
-from slmkit.model.io import load_model, save_model_dir
+from slmkit.errors import InputError, OutputExistsError
+from slmkit.model.io import load_model
 from slmkit.model.transformer import Transformer
-from slmkit.tokenizer import Tokenizer
 
 STATE = "trainer_state"
 _STEP_DIR = re.compile(r"step-(\d+)")
@@ -31,11 +31,26 @@ def checkpoints_dir(run: Path) -> Path:
     return run / "checkpoints"
 
 
-def save_checkpoint(run: Path, step: int, model: Transformer, tokenizer: Tokenizer, state: dict[str, Any], keep: int) -> Path:
-    """Write `step-N` atomically, then delete all but the newest `keep` checkpoints."""
+def check_run_dir(run: Path, resume: bool, force: bool) -> None:
+    if run.exists() and not (resume or force):
+        raise OutputExistsError(f"run directory {run} already exists; pass --resume to continue it or --force to start over")
+
+
+def prepare_run_dir(run: Path, fresh: bool, config_name: str, config: dict[str, Any]) -> None:
+    """Create `run` (emptied first when `fresh`), drop half-written saves and record the config."""
+    if fresh and run.exists():
+        shutil.rmtree(run)
+    run.mkdir(parents=True, exist_ok=True)
+    remove_partial_saves(run)
+    write_json(run / config_name, config)
+
+
+def save_checkpoint(run: Path, step: int, save_model: Callable[[Path], Any], state: dict[str, Any], keep: int) -> Path:
+    """Write `step-N` atomically (`save_model(dir)` writes its model directory), then delete all
+    but the newest `keep` checkpoints."""
     out = checkpoints_dir(run) / f"step-{step}"
     with atomic_dir(out, force=True) as tmp:
-        save_model_dir(model, tmp, tokenizer)
+        save_model(tmp)
         (tmp / STATE).mkdir()
         torch.save(state, tmp / STATE / "state.pt")
         write_json(tmp / STATE / "meta.json", {"step": step, "tokens": state["tokens"]})
@@ -64,14 +79,22 @@ def remove_partial_saves(run: Path) -> None:
             shutil.rmtree(d, ignore_errors=True)
 
 
+def latest_checkpoint(run: Path) -> Path | None:
+    found = complete_checkpoints(run)
+    return found[-1] if found else None
+
+
 def load_checkpoint(path: Path) -> tuple[Transformer, dict[str, Any]]:
     """(model in train mode, trainer state); a truncated or corrupt checkpoint is an InputError."""
-    model = load_model(path).train()
+    return load_model(path).train(), load_state(path)
+
+
+def load_state(path: Path) -> dict[str, Any]:
+    """The trainer state of a checkpoint (tensors and plain values only)."""
     try:
-        state = torch.load(path / STATE / "state.pt", map_location="cpu", weights_only=True)
+        return torch.load(path / STATE / "state.pt", map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError, ... on damage
         raise InputError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}); delete it to resume from an older one") from None
-    return model, state
 
 
 def rng_state() -> dict[str, Any]:

@@ -14,3 +14,9 @@ def lr_at(step: int, lr: float, min_lr: float, warmup_steps: int, max_steps: int
         return min_lr
     progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
+
+
+def derived_warmup(max_steps: int, default: int) -> int:
+    """The warmup of a run that names none: `default`, but at most 10% of the run, so that a short
+    run still spends most of its steps near the peak LR (warmup 100 of 40 steps never gets there)."""
+    return max(1, min(default, max_steps // 10))

@@ -12,7 +12,7 @@ from slmkit.errors import InputError
 from slmkit.model.io import load_model
 from slmkit.model.transformer import Transformer
 from slmkit.tokenizer import Tokenizer
-from slmkit.train.config import TrainConfig
+from slmkit.train.recipe import TrainConfig
 
 
 def load_tokenizer(cfg: TrainConfig) -> Tokenizer:

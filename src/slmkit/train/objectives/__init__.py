@@ -1,10 +1,25 @@
-"""Training objectives: each turns a batch of token windows into (inputs, targets) and a loss.
+"""Training objectives: what the loss is, for pretraining and for every fine-tuning task.
 
-The objective follows the model: `causal: true` trains next-token prediction (`lm`),
-`causal: false` trains masked-token prediction (`mlm`).
+The one training loop (`slmkit.train.loop`) asks every objective the same things:
+
+    name, metric, higher_is_better       what validation reports and early stopping watches
+    collate(examples) -> batch           tensors for one micro-batch; "targets" holds next tokens, if any
+    loss(model, batch) -> (loss, logs)   the training loss and the floats to log beside it
+    evaluate(model, examples) -> dict    validation metrics, `metric` among them
+    state_dict(), load_state_dict(s)     optional: what must survive a resume (MLM's masking RNG)
+
+Tasks that start from records also have `prepare(records) -> examples` (tokenize once, before
+training). Pretraining objectives follow the model: `causal: true` trains next-token prediction
+(`lm`), `causal: false` masked-token prediction (`mlm`).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import torch
+from torch import nn
 
 from slmkit.config import ModelConfig
 from slmkit.errors import InputError
@@ -12,15 +27,24 @@ from slmkit.tokenizer import Tokenizer
 from slmkit.train.objectives.lm import LanguageModeling
 from slmkit.train.objectives.mlm import MaskedLanguageModeling
 
-Objective = LanguageModeling | MaskedLanguageModeling
+
+class Objective(Protocol):
+    name: str
+    metric: str
+    higher_is_better: bool
+
+    def collate(self, examples: Sequence[Any]) -> dict[str, torch.Tensor]: ...
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]: ...
+    def evaluate(self, model: nn.Module, examples: Sequence[Any]) -> dict[str, float]: ...
 
 
-def objective_for(cfg: ModelConfig, tokenizer: Tokenizer, seed: int) -> Objective:
+def objective_for(cfg: ModelConfig, tokenizer: Tokenizer, seed: int, eval_batch_size: int = 8) -> LanguageModeling | MaskedLanguageModeling:
+    """The pretraining objective of a model config."""
     if cfg.causal:
-        return LanguageModeling()
+        return LanguageModeling(eval_batch_size)
     if tokenizer.pad_id is None:
         raise InputError("masked-LM training replaces masked tokens with <|pad|>, but the tokenizer has none")
-    return MaskedLanguageModeling(mask_id=tokenizer.pad_id, vocab_size=tokenizer.vocab_size, seed=seed)
+    return MaskedLanguageModeling(mask_id=tokenizer.pad_id, vocab_size=tokenizer.vocab_size, seed=seed, eval_batch_size=eval_batch_size)
 
 
 __all__ = ["LanguageModeling", "MaskedLanguageModeling", "Objective", "objective_for"]

@@ -119,8 +119,9 @@ class DirectPreference:
             return sequence_logps(forward(ref, batch), batch["targets"])
 
     def _rewards(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        reference = self._reference_logps(model, batch)  # first, so the policy's is the model's last training forward
         policy = sequence_logps(forward(model, batch), batch["targets"])
-        rewards = self.beta * (policy - self._reference_logps(model, batch).to(policy.device))
+        rewards = self.beta * (policy - reference.to(policy.device))
         n = rewards.shape[0] // 2
         return rewards[:n], rewards[n:]
 

@@ -3,26 +3,34 @@
 Of the chosen positions, 80% become the mask token, 10% a random token and 10% stay as they
 are, so the model cannot learn that only mask tokens need predicting. The tokenizer has no
 dedicated mask token; `<|pad|>` serves as one (it never occurs inside training windows).
-Loss is counted on the chosen positions only.
+Loss is counted on the chosen positions only. Validation masks come from a fresh generator with
+the same seed every time, so evaluations are comparable across steps.
 """
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
+from collections.abc import Sequence
 
-IGNORE = -100
+import torch
+from torch import nn
+
+from slmkit.train.objectives.lm import IGNORE, Window, collate_windows, mean_token_loss, next_token_loss
 
 
 class MaskedLanguageModeling:
     name = "mlm"
+    metric = "loss"
+    higher_is_better = False
 
-    def __init__(self, mask_id: int, vocab_size: int, seed: int = 0, rate: float = 0.15) -> None:
-        self.mask_id, self.vocab_size, self.rate = mask_id, vocab_size, rate
+    def __init__(self, mask_id: int, vocab_size: int, seed: int = 0, rate: float = 0.15, eval_batch_size: int = 8) -> None:
+        self.mask_id, self.vocab_size, self.rate, self.seed = mask_id, vocab_size, rate, seed
+        self.eval_batch_size = eval_batch_size
         self.generator = torch.Generator().manual_seed(seed)
 
     def batch(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        g = self.generator
+        return self._mask(x, self.generator)
+
+    def _mask(self, x: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         chosen = torch.rand(x.shape, generator=g) < self.rate
         targets = torch.where(chosen, x, IGNORE)
         roll = torch.rand(x.shape, generator=g)
@@ -31,12 +39,20 @@ class MaskedLanguageModeling:
         inputs = torch.where(chosen & (roll >= 0.8) & (roll < 0.9), random_tokens, inputs)
         return inputs, targets
 
-    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
+    def collate(self, windows: Sequence[Window]) -> dict[str, torch.Tensor]:
+        return collate_windows(windows)
 
-    def extra_loss(self, model: torch.nn.Module, targets: torch.Tensor) -> torch.Tensor | None:
-        """The MoE balance loss of the last training forward, if any."""
-        return model.auxiliary_losses(targets)[0]
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        return next_token_loss(model(batch["input_ids"]), batch["targets"]), {}
+
+    def evaluate(self, model: nn.Module, windows: Sequence[Window]) -> dict[str, float]:
+        """Loss on the masked positions of unmasked validation windows, with fixed masks."""
+        g = torch.Generator().manual_seed(self.seed)
+        n, batches = self.eval_batch_size, []
+        for i in range(0, len(windows), n):
+            inputs, targets = self._mask(torch.stack([w[0] for w in windows[i : i + n]]), g)
+            batches.append({"input_ids": inputs, "targets": targets})
+        return mean_token_loss(model, batches)
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state()}

@@ -1,0 +1,354 @@
+"""The training loop: pretraining and every fine-tuning task take the same optimizer steps.
+
+Each step:
+
+    1) batch     take batch_size * grad_accum examples from the data source, the same on every rank;
+                 micro-step m on rank r of K trains on examples [m*B + r : (m+1)*B : K], so one process
+                 and K processes see the same global batch, and grad_accum=2, batch_size=4 sees the
+                 same examples as batch_size=8
+    2) forward   the objective's loss plus the model's own terms (MoE balance loss, MTP loss), under autocast
+    3) backward  through the GradScaler (a no-op unless fp16); DDP syncs gradients on the last micro-step only
+    4) update    unscale, clip, optimizer step at the scheduled LR, then the MoE router-bias update
+    5) then      log; evaluate (keeping the best weights, stopping early); save a checkpoint
+
+A checkpoint holds all that the next step depends on (optimizer, scaler, data position, objective
+and RNG state, validation history), so a resumed run continues bit for bit. What differs between
+pretraining and the fine-tuning tasks is the data source (`slmkit.train.sources`) and the objective
+(`slmkit.train.objectives`); `slmkit.train.trainer` and `slmkit.finetune` set them up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
+
+from slmkit.errors import InputError
+from slmkit.model.lora import trainable_parameters
+from slmkit.model.moe import balance_step
+from slmkit.train import checkpoint as ckpt
+from slmkit.train.distributed import Dist
+from slmkit.train.run_metrics import MetricsLog
+from slmkit.train.objectives import Objective
+from slmkit.train.objectives.lm import multi_token_loss
+from slmkit.train.optim import build_optimizer
+from slmkit.train.precision import resolve_precision
+from slmkit.train.schedule import lr_at
+from slmkit.train.sources import DataSource
+from slmkit.train.trackers import open_trackers
+
+
+class RunConfig(Protocol):
+    """The settings the loop reads; `TrainConfig` and `FinetuneConfig` both have them."""
+
+    max_steps: int
+    max_minutes: float | None
+    batch_size: int
+    grad_accum: int
+    lr: float
+    warmup_steps: int | None  # None: derived from the run length (`warmup`)
+    weight_decay: float
+    beta1: float
+    beta2: float
+    clip: float
+    precision: str
+    eval_every: int
+    log_every: int
+    save_every: int
+    keep_checkpoints: int
+    seed: int
+    log_to: list[str]
+
+    @property
+    def final_lr(self) -> float: ...
+    @property
+    def warmup(self) -> int: ...
+    def to_dict(self) -> dict[str, Any]: ...
+
+
+@dataclass
+class FitResult:
+    steps: int
+    best_step: int
+    best: dict[str, float]  # validation metrics at the best evaluation (restored into the model when asked)
+    history: list[dict[str, Any]]  # validation metrics per evaluation, from step 0 (before training)
+    train_loss: float  # of the last step
+    tokens: int  # input tokens trained on, all ranks
+    tokens_per_s: float  # of the last step
+    mfu: float  # of the last step; nan without a FLOP count
+    trainable: int
+    total: int
+    step_seconds: float  # median wall time of one optimizer step
+    peak_memory_mb: float  # peak RSS (CPU) or peak CUDA memory during training
+    stopped_early: bool
+
+
+def model_losses(model: nn.Module, targets: torch.Tensor | None) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+    """What the model itself adds to any objective's loss after a training forward: its MoE balance
+    loss, and mtp_loss_weight * the multi-token loss against `targets` (the batch's next tokens;
+    objectives without them, like classification, get no MTP term). None for a dense model without MTP."""
+    transformer = getattr(model, "backbone", model)  # a classifier trains its backbone Transformer
+    if targets is None:
+        targets = torch.zeros(1, 0, dtype=torch.long)  # no next tokens: no MTP depth has anything to predict
+    balance, mtp_logits = transformer.auxiliary_losses(targets)
+    terms, logs = [], {}
+    if balance is not None:
+        terms.append(balance)
+        logs["moe_aux_loss"] = balance.detach()
+    if mtp_logits:
+        mtp = multi_token_loss(mtp_logits, targets)
+        terms.append(transformer.cfg.mtp_loss_weight * mtp)
+        logs["mtp_loss"] = mtp.detach()
+    return (sum(terms) if terms else None), logs
+
+
+class Loop:
+    """Train `model` on `objective` with examples from `data`; evaluate on `val` (None: never).
+
+    `save_model(dir)` writes the model directory of a checkpoint. `state` (a checkpoint's trainer
+    state) resumes a run; with `weights_in_state` the trained weights travel in it too (fine-tuning
+    rebuilds its model as at the start; pretraining reloads the checkpoint's model directory).
+    `restore_best` puts the best evaluation's weights back at the end; `patience` > 0 stops after
+    that many evaluations without improvement. `forward_model` is what runs the forward pass
+    (e.g. compiled); `flops_per_token` and `peak_flops` give MFU.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        objective: Objective,
+        data: DataSource,
+        val: Sequence[Any] | None,
+        cfg: RunConfig,
+        run_dir: Path,
+        save_model: Callable[[Path], Any],
+        *,
+        state: dict[str, Any] | None = None,
+        dist: Dist | None = None,
+        forward_model: nn.Module | None = None,
+        weights_in_state: bool = False,
+        restore_best: bool = False,
+        patience: int = 0,
+        flops_per_token: float | None = None,
+        peak_flops: float | None = None,
+        progress: bool = True,
+    ) -> None:
+        self.model, self.objective, self.data, self.val, self.cfg = model, objective, data, val or None, cfg
+        self.run, self.save_model, self.progress = Path(run_dir), save_model, progress
+        self.dist = dist or Dist(device=next(model.parameters()).device)
+        self.weights_in_state, self.restore_best, self.patience = weights_in_state, restore_best, patience
+        self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
+        if cfg.batch_size % self.dist.world:
+            raise InputError(f"batch_size {cfg.batch_size} must be divisible by the number of processes {self.dist.world}")
+        self.precision = resolve_precision(cfg.precision, self.dist.device)
+        self.optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
+        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        if not self.params:
+            raise InputError("nothing to train: every parameter is frozen")
+        self.scaler = self.precision.scaler()
+        forward_model = forward_model or model
+        self.forward_model = DistributedDataParallel(forward_model) if self.dist.enabled else forward_model
+
+        self.step, self.tokens, self.history = 0, 0, []
+        self.best, self.best_step, self.best_weights = None, 0, None
+        self.evals_without_gain, self.stopped_early = 0, False
+        torch.manual_seed(cfg.seed)
+        if state is not None:
+            self.load_state_dict(state)
+        self.log = None
+        if self.dist.main:
+            trackers = open_trackers(cfg.log_to, self.run, cfg.to_dict())
+            self.log = MetricsLog(self.run / "metrics.jsonl", self.step if state is not None else None, trackers)
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self) -> FitResult:
+        cfg, dist = self.cfg, self.dist
+        if dist.main and cfg.warmup_steps is None:
+            print(f"warmup: {cfg.warmup} steps, derived from the run's {cfg.max_steps} steps, at most 10% of them; "
+                  "pass --warmup-steps N to choose")
+        bar = tqdm(total=cfg.max_steps, initial=self.step, desc=self.objective.name, unit="step",
+                   disable=not (self.progress and dist.main))
+        _reset_peak_memory(dist.device)
+        if self.step == 0 and self.val is not None:
+            self.validate(bar)  # the starting point, so every run shows how far training moved it
+        start, times = time.perf_counter(), []
+        loss, tok_s, mfu = math.nan, 0.0, math.nan
+        self.model.train()
+        while self.step < cfg.max_steps and not self.stopped_early:
+            t0 = time.perf_counter()
+            lr = lr_at(self.step, cfg.lr, cfg.final_lr, cfg.warmup, cfg.max_steps)
+            logs, tokens = self.train_step(lr)
+            times.append(time.perf_counter() - t0)
+            self.step += 1
+            self.tokens += tokens
+            loss, tok_s = logs["loss"], tokens / times[-1]
+            record = {"step": self.step, **logs, "lr": lr, "tokens": self.tokens, "tok_s": tok_s}
+            if self.flops_per_token and self.peak_flops:
+                record["mfu"] = mfu = tok_s * self.flops_per_token / (self.peak_flops * dist.world)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
+            # 5) log, evaluate, save
+            last = self.step == cfg.max_steps or self._out_of_time(start)
+            if self.log and (self.step % cfg.log_every == 0 or last):
+                self.log.write(record)
+            if self.val is not None and ((cfg.eval_every and self.step % cfg.eval_every == 0) or last):
+                last = self.validate(bar) or last
+            if (cfg.save_every and self.step % cfg.save_every == 0) or last:
+                self.save_checkpoint()
+            if last:
+                break
+        bar.close()
+        if self.log:
+            self.log.close()
+        if self.best_weights is not None:
+            self._load_weights(self.best_weights)
+        self.model.eval()
+        best_step = self.best_step if self.best is not None else self.step
+        return FitResult(self.step, best_step, self.best or {}, self.history, loss, self.tokens, tok_s, mfu,
+                         *trainable_parameters(self.model), _median(times), _peak_memory_mb(dist.device), self.stopped_early)
+
+    def train_step(self, lr: float) -> tuple[dict[str, Any], int]:
+        """One optimizer step; (logs averaged over micro-steps and ranks, input tokens over all ranks)."""
+        cfg, dist = self.cfg, self.dist
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        # 1) batch
+        examples = self.data.take(cfg.batch_size * cfg.grad_accum)
+        sums: dict[str, Any] = {}
+        tokens = torch.zeros((), dtype=torch.long, device=dist.device)
+        for m in range(cfg.grad_accum):
+            part = examples[m * cfg.batch_size + dist.rank : (m + 1) * cfg.batch_size : dist.world]
+            batch = {k: v.to(dist.device) if isinstance(v, torch.Tensor) else v for k, v in self.objective.collate(part).items()}
+            tokens += batch["input_ids"].numel()
+            syncing = not dist.enabled or m == cfg.grad_accum - 1
+            with contextlib.nullcontext() if syncing else self.forward_model.no_sync():
+                # 2) forward: the objective's loss and the model's own terms
+                with self.precision.autocast():
+                    loss, logs = self.objective.loss(self.forward_model, batch)
+                    extra, extra_logs = model_losses(self.model, batch.get("targets"))
+                # 3) backward
+                self.scaler.scale((loss if extra is None else loss + extra) / cfg.grad_accum).backward()
+            for k, v in {"loss": loss.detach(), **logs, **extra_logs}.items():
+                sums[k] = sums.get(k, 0.0) + v / cfg.grad_accum
+        # 4) update
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.clip if cfg.clip else float("inf"))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        moe_stats = balance_step(self.model)  # auxiliary-loss-free bias update from this step's expert load
+        means = dist.mean(torch.stack([torch.as_tensor(v, dtype=torch.float32, device=dist.device) for v in sums.values()]))
+        return {**dict(zip(sums, means.tolist())), "grad_norm": grad_norm.item(), **moe_stats}, int(dist.sum(tokens))
+
+    def validate(self, bar: tqdm) -> bool:
+        """Evaluate on `val`, log it, keep the best weights; True when early stopping says stop.
+        Every rank evaluates all of `val` (identical results, so every rank decides alike)."""
+        with self.precision.autocast():
+            metrics = self.objective.evaluate(self.model, self.val)
+        self.model.train()
+        self.history.append({"step": self.step, **metrics})
+        if self.log:
+            self.log.write({"step": self.step, **{f"val_{k}": v for k, v in metrics.items()}})
+            if self.progress:
+                bar.write(f"step {self.step}: val " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        if self.step == 0:
+            return False
+        value = metrics[self.objective.metric]
+        if self.best is None or (value > self.best[self.objective.metric] if self.objective.higher_is_better
+                                 else value < self.best[self.objective.metric]):
+            self.best, self.best_step, self.evals_without_gain = metrics, self.step, 0
+            if self.restore_best:
+                self.best_weights = self._trained_weights()
+        else:
+            self.evals_without_gain += 1
+            if self.patience and self.evals_without_gain >= self.patience:
+                self.stopped_early = True
+                bar.write(f"early stop at step {self.step}: no better {self.objective.metric} in {self.patience} evaluations")
+        return self.stopped_early
+
+    def _out_of_time(self, start: float) -> bool:
+        if self.cfg.max_minutes is None:
+            return False
+        return self.dist.any(time.perf_counter() - start > self.cfg.max_minutes * 60)
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self) -> None:
+        if self.dist.main:
+            ckpt.save_checkpoint(self.run, self.step, self.save_model, self.state_dict(), self.cfg.keep_checkpoints)
+        self.dist.barrier()
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {
+            "step": self.step,
+            "tokens": self.tokens,
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "data": self.data.state_dict(),
+            "objective": self.objective.state_dict() if hasattr(self.objective, "state_dict") else {},
+            "rng": ckpt.rng_state(),
+            "history": self.history,
+            "best": self.best,
+            "best_step": self.best_step,
+            "best_weights": self.best_weights,
+            "evals_without_gain": self.evals_without_gain,
+            "stopped_early": self.stopped_early,
+        }
+        if self.weights_in_state:
+            state["weights"] = self._trained_weights()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.weights_in_state:
+            self._load_weights(state["weights"])
+        self.step, self.tokens, self.history = state["step"], state["tokens"], state["history"]
+        self.best, self.best_step, self.best_weights = state["best"], state["best_step"], state["best_weights"]
+        self.evals_without_gain, self.stopped_early = state["evals_without_gain"], state["stopped_early"]
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.data.load_state_dict(state["data"])
+        if hasattr(self.objective, "load_state_dict"):
+            self.objective.load_state_dict(state["objective"])
+        ckpt.set_rng_state(state["rng"])
+
+    def _trained_weights(self) -> dict[str, torch.Tensor]:
+        """What training changes: the trainable parameters and the floating-point buffers (the MoE
+        router bias), copied."""
+        trained = {id(p) for p in self.params}
+        names = {n for n, p in self.model.named_parameters() if id(p) in trained}
+        names |= {n for n, b in self.model.named_buffers() if b.is_floating_point()}
+        return {k: v.detach().clone() for k, v in self.model.state_dict().items() if k in names}
+
+    def _load_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        unexpected = self.model.load_state_dict(weights, strict=False).unexpected_keys
+        if unexpected:
+            raise InputError(f"the checkpoint does not fit this run's model (e.g. {unexpected[0]}); "
+                             "resume with the settings the run started with")
+
+
+def _median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2] if values else math.nan
+
+
+def _reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    """Peak CUDA allocation, or on CPU the process's peak resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
