@@ -17,7 +17,7 @@ from slmkit.errors import InputError, TokenizerError
 from slmkit.finetune import finetune_sft
 from slmkit.generation.api import generate_ids
 from slmkit.tokenizer import train_bpe
-from slmkit.train.finetune import FinetuneConfig
+from slmkit.finetune import FinetuneConfig
 from slmkit.train.objectives.sft import IGNORE, SupervisedFineTuning
 
 # A model's own template: turns end with <|im_end|>, the assistant's text is a generation span.

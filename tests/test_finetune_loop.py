@@ -19,7 +19,7 @@ from specialize_fixtures import tiny_model_dir, write_json
 
 from slmkit.cli import main
 from slmkit.finetune import FinetuneConfig, finetune_sft
-from slmkit.generation.templates import get_template
+from slmkit.chat import ChatFormat
 from slmkit.tokenizer import Tokenizer
 from slmkit.train import TrainConfig
 from slmkit.train import checkpoint as ckpt
@@ -132,9 +132,9 @@ def test_fp16_finetuning_scales_the_loss_and_checkpoints_the_scaler(tmp_path, mo
 def equal_length_records(model_dir: Path) -> list[dict]:
     """Records whose responses have the same number of tokens, so that the mean of per-rank mean
     losses equals the global mean and one process and two agree to rounding."""
-    template = get_template("alpaca", Tokenizer.load(model_dir))
+    template = ChatFormat.from_name("alpaca", Tokenizer.load(model_dir))
     candidates = records(64)
-    lengths = [len(template.encode(r).response) for r in candidates]
+    lengths = [len(template.encode_record(r).response) for r in candidates]
     common = Counter(lengths).most_common(1)[0][0]
     return [r for r, n in zip(candidates, lengths) if n == common]
 
