@@ -217,12 +217,14 @@ def validation_error(errors: list[dict]) -> APIError:
         return APIError(400, f"unsupported field{'s' * (len(extra) > 1)} {names}: this server does not implement "
                              f"{'them' if len(extra) > 1 else 'it'}; remove {'them' if len(extra) > 1 else 'it'} from the request",
                         param=extra[0], code="unsupported_field")
-    first = errors[0] if errors else {}
+    first = max(errors, key=lambda e: len(e.get("loc", ()))) if errors else {}  # in a union: the member that got furthest
     where = _field_path(first.get("loc", ())) or "body"
     kind, ctx = first.get("type", ""), first.get("ctx") or {}
     if kind in _BOUNDS:
         key, op = _BOUNDS[kind]
-        message = f"{where} must be {op} {ctx.get(key)}, not {first.get('input')!r}"
+        bound = ctx.get(key)
+        bound = int(bound) if isinstance(bound, float) and bound.is_integer() else bound
+        message = f"{where} must be {op} {bound}, not {first.get('input')!r}"
     elif kind == "finite_number":
         message = f"{where} must be a finite number"
     elif kind == "missing":
@@ -244,6 +246,23 @@ def http_error(e: HTTPException, request: HTTPRequest) -> APIError:
                         code="invalid_json")
     return APIError(e.status_code, str(e.detail), "invalid_request_error" if e.status_code < 500 else "server_error",
                     headers=e.headers)
+
+
+class KeyCheck:
+    """ASGI middleware: the API (/v1/...) and its documentation need the key; /health and /metrics
+    do not. (A plain ASGI class: Starlette's @app.middleware wrapper would hide client
+    disconnects from the handlers.)"""
+
+    def __init__(self, app, server: "Server", protected: set[str | None]) -> None:
+        self.app, self.server, self.protected = app, server, protected
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and (scope["path"].startswith("/v1/") or scope["path"] in self.protected):
+            try:
+                self.server.check_auth(HTTPRequest(scope))
+            except APIError as e:
+                return await error_response(e)(scope, receive, send)
+        await self.app(scope, receive, send)
 
 
 class BodyLimit:
@@ -567,17 +586,6 @@ def create_app(
         log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=e)
         return error_response(APIError(500, "internal server error (its log has the cause)", "server_error", "internal_error"))
 
-    protected_docs = {app.openapi_url, app.docs_url, app.redoc_url, app.swagger_ui_oauth2_redirect_url}
-
-    @app.middleware("http")
-    async def auth(request: HTTPRequest, call_next):
-        if request.url.path.startswith("/v1/") or request.url.path in protected_docs:
-            try:
-                server.check_auth(request)
-            except APIError as e:
-                return error_response(e)
-        return await call_next(request)
-
     @app.get("/health")
     async def health() -> dict:
         stalled = server.loop.stalled_for()
@@ -608,4 +616,6 @@ def create_app(
         return await server.embeddings(body)
 
     app.add_middleware(BodyLimit, limit=max_body_bytes)
+    app.add_middleware(KeyCheck, server=server,
+                       protected={app.openapi_url, app.docs_url, app.redoc_url, app.swagger_ui_oauth2_redirect_url})
     return app
