@@ -99,6 +99,7 @@ def prepare(
     seed: int = 0,
     errors: str = "strict",
     text_field: str = "text",
+    skip_unreadable: bool = False,
     force: bool = False,
     progress: bool = True,
     shard_tokens: int = SHARD_TOKENS,
@@ -118,7 +119,7 @@ def prepare(
         max_repeated_line_ratio=max_repeated_line_ratio,
         near_threshold=near_threshold,
     )
-    corpus = Corpus(paths, text_field=text_field, errors=errors)
+    corpus = Corpus(paths, text_field=text_field, errors=errors, skip_unreadable=skip_unreadable)
     cleaner = Cleaner(config)
     dtype = token_dtype(tokenizer.vocab_size)
     eot = tokenizer.eot_id
@@ -165,6 +166,7 @@ def prepare(
             },
             "sources": [f.to_dict() for f in corpus.files],
             "skipped_files": [p.as_posix() for p in corpus.skipped],
+            "unreadable_skipped": [p.as_posix() for p in corpus.unreadable],
             "read": {"text_field": text_field, "errors": errors},
             "filters": config.to_dict(),
             "cleaning": cleaner.report.to_dict(),
