@@ -290,3 +290,14 @@ def test_docs_need_the_key_when_one_is_set(server, path):
     assert_error(httpx.get(url + path), 401, "API key")
     assert httpx.get(url + path, headers=AUTH).status_code == 200
 
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/completions", {"model": "tiny", "prompt": "hi", "n": 63599675}),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "n": 32679544}),
+])
+def test_a_huge_n_is_refused_at_once(server, path, body):
+    """Found by the schema fuzzing: the response used to be laid out for n choices before n was checked."""
+    start = time.perf_counter()
+    assert_error(post(server, path, body), 400, "n must be between 1 and 64")
+    assert time.perf_counter() - start < 5

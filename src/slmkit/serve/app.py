@@ -123,7 +123,8 @@ class EngineLoop:
 # ---------------------------------------------------------------------------- request bodies
 # Strict: an unknown field is an error (a feature this server lacks is never silently ignored), and
 # no coercion (true is not 1, "yes" is not true). Ranges are OpenAI's; they appear in /openapi.json.
-def Number(default: Any = None, **bounds: float) -> Any:  # noqa: N802 -- reads as a type in the models below
+def finite(default: Any = None, **bounds: float) -> Any:
+    """A float field that refuses NaN and the infinities (Python's JSON parser accepts both)."""
     return Field(default, allow_inf_nan=False, **bounds)
 
 
@@ -138,13 +139,13 @@ class StreamOptions(Body):
 class SamplingFields(Body):
     model: str
     max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Number(ge=0, le=2)
-    top_p: float | None = Number(gt=0, le=1)
+    temperature: float | None = finite(ge=0, le=2)
+    top_p: float | None = finite(gt=0, le=1)
     top_k: int | None = Field(None, ge=1)
-    min_p: float | None = Number(ge=0, le=1)
-    frequency_penalty: float = Number(0.0, ge=-2, le=2)
-    presence_penalty: float = Number(0.0, ge=-2, le=2)
-    repetition_penalty: float | None = Number(gt=0)
+    min_p: float | None = finite(ge=0, le=1)
+    frequency_penalty: float = finite(0.0, ge=-2, le=2)
+    presence_penalty: float = finite(0.0, ge=-2, le=2)
+    repetition_penalty: float | None = finite(gt=0)
     seed: int | None = Field(None, ge=0, lt=2**64)
     stop: str | Annotated[list[str], Field(max_length=16)] | None = None
     n: int = Field(1, ge=1)
@@ -199,12 +200,12 @@ _BOUNDS = {"greater_than_equal": ("ge", ">="), "greater_than": ("gt", ">"), "les
            "less_than": ("lt", "<")}
 
 
+_UNION_TAGS = {"str", "int", "float", "bool", "list", "dict"}
+
+
 def _field_path(loc: tuple) -> str:
     """("body", "messages", 0, "role") -> "messages.0.role"; pydantic's union-member tags are left out."""
     return ".".join(str(p) for p in loc[1:] if isinstance(p, int) or ("[" not in p and p not in _UNION_TAGS))
-
-
-_UNION_TAGS = {"str", "int", "float", "bool", "list", "dict"}
 
 
 def validation_error(errors: list[dict]) -> APIError:
@@ -427,20 +428,20 @@ class Server:
                 await stream.aclose()
                 raise GENERATION_FAILED
             return StreamingResponse(self.events(stream, first, head, request, chat, body), media_type="text/event-stream")
-        choices = [{"tokens": [], "text": "", "logprobs": [], "finish_reason": None} for _ in range(request.n)]
+        choices: dict[int, dict] = {}  # filled as outputs come: `n` is validated only when the engine takes the request
         prompt_tokens = cached = 0
         async for out in self.outputs(http, request):
             if out.finish_reason == "error":
                 raise GENERATION_FAILED
-            c = choices[out.index]
+            c = choices.setdefault(out.index, {"tokens": [], "text": "", "logprobs": [], "finish_reason": None})
             c["tokens"] += out.token_ids
             c["text"] += out.text
             c["logprobs"] += out.logprobs
             c["finish_reason"] = out.finish_reason or c["finish_reason"]
             prompt_tokens, cached = out.prompt_tokens, out.cached_tokens
-        completion_tokens = sum(len(c["tokens"]) for c in choices)
+        completion_tokens = sum(len(c["tokens"]) for c in choices.values())
         return JSONResponse({**head, "object": kind, "usage": self.usage(prompt_tokens, completion_tokens, cached),
-                             "choices": [self.choice(i, c, request, chat) for i, c in enumerate(choices)]})
+                             "choices": [self.choice(i, choices[i], request, chat) for i in sorted(choices)]})
 
     def choice(self, index: int, c: dict, request: Request, chat: bool) -> dict:
         logprobs = self.logprobs(c["tokens"], c["logprobs"], chat) if request.logprobs is not None else None
