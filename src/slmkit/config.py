@@ -160,10 +160,11 @@ class ModelConfig:
         path = path / "config.json" if path.is_dir() else path
         if not path.is_file():
             raise InputError(f"no model config at {path}")
+        values = read_json(path)
         try:
-            return cls.from_dict(read_json(path))
+            return cls.from_dict(values)
         except InputError as e:
-            raise InputError(str(e) if str(path) in str(e) else f"{path}: {e}") from None
+            raise InputError(f"{path}: {e}") from None
 
     def replace(self, **overrides: Any) -> "ModelConfig":
         """A copy with `overrides`. Sizes that equal their derived value (head_dim = d_model / n_heads,
