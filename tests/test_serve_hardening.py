@@ -183,6 +183,19 @@ def test_streams_abandoned_before_their_first_token_free_their_slots(model_dir):
         assert r.status_code == 200, r.text
 
 
+def test_an_exception_in_admission_is_a_500_and_holds_no_slot(server, monkeypatch):
+    url, state = server
+
+    def broken(request):
+        raise RuntimeError("admission bug")
+
+    monkeypatch.setattr(state.engine, "submit", broken)
+    for stream in (False, True):
+        body = {"model": "tiny", "prompt": "hi", "max_tokens": 2, "stream": stream}
+        assert_error(post(server, "/v1/completions", body), 500, "internal server error")
+    assert state.active == 0 and not state.loop.listeners and in_flight(url) == 0
+
+
 def test_health_reports_a_stuck_engine(model_dir):
     from slmkit import load
     from slmkit.serve.app import create_app
