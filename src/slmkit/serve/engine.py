@@ -41,6 +41,7 @@ from slmkit.tokenizer import Tokenizer
 
 log = logging.getLogger("slmkit.serve")
 
+
 @dataclass
 class Request:
     """What a client asks for. `stop_tokens` None means the tokenizer's end-of-text token;
