@@ -218,7 +218,7 @@ def test_malformed_json_and_wrong_types(server):
 
 @pytest.mark.parametrize("body, status, fragment", [
     ({"model": "gpt-4", "prompt": "x"}, 404, "'gpt-4' does not exist"),
-    ({"model": "tiny", "prompt": "x", "max_tokens": 0}, 400, "max_tokens must be at least 1"),
+    ({"model": "tiny", "prompt": "x", "max_tokens": 0}, 400, "max_tokens must be >= 1, not 0"),
     ({"model": "tiny", "prompt": "x", "max_tokens": CONTEXT}, 400, "exceed the model's context"),
     ({"model": "tiny", "prompt": [5] * CONTEXT, "max_tokens": 1}, 400, f"context is {CONTEXT} tokens"),
     ({"model": "tiny", "prompt": "x", "n": 1000}, 400, "n must be between 1 and"),

@@ -1,4 +1,5 @@
-"""Output that is never left half-written: build in a temporary sibling, then rename."""
+"""Output that is never left half-written (build in a temporary sibling, then rename), and JSON
+input whose every failure is one line naming the file."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-from slmkit.errors import OutputExistsError
+from slmkit.errors import InputError, OutputExistsError
 
 _UMASK = os.umask(0o022)  # read once at import (setting it is process-wide), then restored
 os.umask(_UMASK)
@@ -28,8 +29,12 @@ def atomic_dir(out: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     out = Path(out)
     if out.exists() and not force:
         raise OutputExistsError(f"output {out} already exists; pass --force to overwrite it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    except OSError as e:
+        raise InputError(f"cannot write {out}: {e.strerror.lower()} ({out.parent}); "
+                         "choose a writable --out") from None
     try:
         yield tmp
     except BaseException:
@@ -65,3 +70,18 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """The parsed content of a UTF-8 JSON file; unreadable, undecodable or invalid is an InputError."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except OSError as e:
+        raise InputError(f"cannot read {path}: {e.strerror.lower()}") from None
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path} is not UTF-8 text (invalid byte at offset {e.start}); save it as UTF-8") from None
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise InputError(f"{path} is nested too deeply to parse") from None

@@ -11,6 +11,8 @@ import dataclasses
 import difflib
 import json
 import os
+import types
+import typing
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -136,8 +138,11 @@ class ModelConfig:
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "ModelConfig":
+        if not isinstance(values, dict):
+            raise InputError(f"a model config is a JSON object of settings, not {type(values).__name__}")
         values = {k: v for k, v in values.items() if k != "slmkit_version"}
         check_keys(values, cls)
+        check_types(values, cls)
         return cls(**values)
 
     @classmethod
@@ -150,18 +155,22 @@ class ModelConfig:
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ModelConfig":
         path = Path(path)
+        from slmkit._io import read_json
+
         path = path / "config.json" if path.is_dir() else path
         if not path.is_file():
             raise InputError(f"no model config at {path}")
+        values = read_json(path)
         try:
-            return cls.from_dict(json.loads(path.read_text(encoding="utf-8")))
-        except json.JSONDecodeError as e:
-            raise InputError(f"{path} is not valid JSON: {e}") from None
+            return cls.from_dict(values)
+        except InputError as e:
+            raise InputError(f"{path}: {e}") from None
 
     def replace(self, **overrides: Any) -> "ModelConfig":
         """A copy with `overrides`. Sizes that equal their derived value (head_dim = d_model / n_heads,
         ...) are derived again from the new values; sizes set to anything else stay as they were."""
         check_keys(overrides, type(self))
+        check_types(overrides, type(self))
         values = self.to_dict()
         for key in _DERIVED:
             derived = getattr(dataclasses.replace(self, **{k: None for k in _DERIVED}), key)
@@ -181,6 +190,43 @@ def check_keys(values: dict[str, Any], cls: type) -> None:
     for key in values:
         if key not in valid:
             raise InputError(f"unknown config key {key!r}{_suggest(key, valid)}")
+
+
+def check_types(values: dict[str, Any], cls: type) -> None:
+    """Each value of the JSON kind its field declares (no true for 1, no "big" for a size)."""
+    hints = typing.get_type_hints(cls)
+    for key, value in values.items():
+        if not _is_a(value, hints[key]):
+            raise InputError(f"config key {key!r} must be {_kind(hints[key])}, not {value!r}")
+
+
+def _is_a(value: Any, hint: Any) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_is_a(value, a) for a in args)
+    if hint is Any:
+        return True
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint in (int, float):  # a JSON number without a fraction is fine for a float
+        return isinstance(value, (int, float) if hint is float else int) and not isinstance(value, bool)
+    if origin is list:
+        return isinstance(value, list) and all(_is_a(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(isinstance(k, str) for k in value)
+    return isinstance(value, hint)
+
+
+def _kind(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_kind(a) for a in args)
+    if origin is list:
+        return f"a list of {_kind(args[0]).removeprefix('an ').removeprefix('a ')}s"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string", type(None): "null",
+            dict: "an object"}.get(origin or hint, str(hint))
 
 
 def _suggest(word: str, options) -> str:

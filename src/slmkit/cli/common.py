@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from slmkit.errors import InputError
@@ -16,6 +17,8 @@ def read_lines(path: str) -> list[str]:
         lines = p.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as e:
         raise InputError(f"{p} is not UTF-8 text: {e.reason} at byte {e.start}") from None
+    except OSError as e:
+        raise InputError(f"cannot read {p}: {e.strerror.lower()}") from None
     return [line.strip("\r\n") for line in lines if line.strip()]
 
 
@@ -32,5 +35,21 @@ def reading_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text-field", default="text", help="field of .jsonl records / column of .csv/.tsv files to read (default: text)")
     p.add_argument("--errors", choices=["strict", "replace"], default="strict",
                    help="undecodable UTF-8: stop with an error naming the file (strict) or substitute U+FFFD (replace)")
+    p.add_argument("--skip-unreadable", action="store_true",
+                   help="skip files and folders that cannot be read (default: stop with an error naming the first)")
+
+
+def report_unreadable(paths: list[Path]) -> None:
+    if paths:
+        print(f"skipped {len(paths)} unreadable {'path' if len(paths) == 1 else 'paths'} (first: {paths[0]})")
+
+
+def check_writable(out: str) -> None:
+    """Fail before long work when `out` could not be created: its first existing ancestor must be writable."""
+    parent = Path(out).absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"cannot write {out}: permission denied ({parent}); choose a writable --out")
 
 

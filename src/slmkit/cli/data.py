@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from slmkit.cli.common import reading_options
+from slmkit.cli.common import reading_options, report_unreadable
 
 
 def cmd_data_prepare(args: argparse.Namespace) -> None:
@@ -25,10 +26,12 @@ def cmd_data_prepare(args: argparse.Namespace) -> None:
         seed=args.seed,
         errors=args.errors,
         text_field=args.text_field,
+        skip_unreadable=args.skip_unreadable,
         force=args.force,
         progress=not args.quiet,
     )
     print(result.summary_table())
+    report_unreadable([Path(p) for p in result.manifest["unreadable_skipped"]])
     print(f"wrote {args.out}/manifest.json")
 
 

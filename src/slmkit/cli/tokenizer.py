@@ -6,7 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
-from slmkit.cli.common import read_lines, reading_options
+from slmkit.cli.common import check_writable, read_lines, reading_options, report_unreadable
 
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> None:
@@ -18,10 +18,12 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> None:
     out = Path(args.out)
     if out.exists() and not args.force:  # fail before the (possibly long) training
         raise OutputExistsError(f"output {out} already exists; pass --force to overwrite it")
+    check_writable(args.out)
     domain = read_lines(args.domain_tokens) if args.domain_tokens else []
     start = time.perf_counter()
+    corpus = Corpus(args.paths, text_field=args.text_field, errors=args.errors, skip_unreadable=args.skip_unreadable)
     tok = train_bpe(
-        Corpus(args.paths, text_field=args.text_field, errors=args.errors),
+        corpus,
         args.vocab_size,
         pattern=args.pattern,
         special_tokens=args.special_tokens,
@@ -34,6 +36,7 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> None:
         f"trained {tok.vocab_size:,} tokens ({len(tok.merges):,} merges, {len(tok.added_tokens)} domain, "
         f"{len(tok.special_tokens)} special) in {time.perf_counter() - start:.1f}s -> {out}/tokenizer.json"
     )
+    report_unreadable(corpus.unreadable)
     if tok.vocab_size < args.vocab_size:
         print(f"note: the corpus ran out of pairs to merge before reaching {args.vocab_size:,} tokens")
 
@@ -54,7 +57,7 @@ def cmd_tokenizer_stats(args: argparse.Namespace) -> None:
     from slmkit.tokenizer.stats import tokenizer_stats
 
     tok = Tokenizer.load(args.tokenizer)
-    texts = Corpus(args.paths, text_field=args.text_field, errors=args.errors)
+    texts = Corpus(args.paths, text_field=args.text_field, errors=args.errors, skip_unreadable=args.skip_unreadable)
     print(tokenizer_stats(tok, texts, top=args.top, progress=not args.quiet).table())
 
 

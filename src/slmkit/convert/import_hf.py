@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from slmkit._io import atomic_dir
+from slmkit._io import atomic_dir, read_json
 from slmkit.config import ModelConfig
 from slmkit.convert.families import HARMLESS_KEYS, Family, family_of
 from slmkit.convert.weights import import_tensors, read_checkpoint
@@ -101,10 +101,7 @@ def _read_config(directory: Path) -> dict[str, Any]:
     path = directory / "config.json"
     if not path.is_file():
         raise InputError(f"{directory} has no config.json; is it a Hugging Face model directory?")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise InputError(f"{path} is not valid JSON: {e}") from None
+    return read_json(path)
 
 
 def _tokenizer(directory: Path) -> Tokenizer | None:

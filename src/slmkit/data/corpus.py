@@ -8,6 +8,7 @@ so a corpus of any size is read in constant memory. Everything is UTF-8.
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import os
 from dataclasses import dataclass
@@ -40,36 +41,63 @@ class Corpus:
     """The documents under `paths`, in a fixed order: paths as given, a directory's files sorted by path.
 
     Inside a directory, hidden entries are ignored and files of unknown type are skipped (listed
-    in `skipped`); a file named explicitly is read as plain text whatever its extension.
+    in `skipped`); a file named explicitly is read as plain text whatever its extension. A file or
+    folder that cannot be read is an error, or with `skip_unreadable` is listed in `unreadable`.
     Iterating reads the files again each time; nothing but the current file or line is held.
     """
 
-    def __init__(self, paths: PathLike | Iterable[PathLike], *, text_field: str = "text", errors: str = "strict") -> None:
+    def __init__(self, paths: PathLike | Iterable[PathLike], *, text_field: str = "text", errors: str = "strict",
+                 skip_unreadable: bool = False) -> None:
         if errors not in ERRORS:
             raise InputError(f"errors must be one of {', '.join(ERRORS)}, not {errors!r}")
         self.paths = [Path(paths)] if isinstance(paths, (str, os.PathLike)) else [Path(p) for p in paths]
         self.text_field = text_field
         self.errors = errors
+        self.skip_unreadable = skip_unreadable
         self.files: list[SourceFile] = []
         self.skipped: list[Path] = []
+        self.unreadable: list[Path] = []
         for path in self.paths:
             self._add(path)
 
     def _add(self, path: Path) -> None:
+        try:
+            path.stat()
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise InputError(f"input {path} is a loop of symbolic links; point it at a file or directory") from None
+            if e.errno == errno.ENOENT and path.is_symlink():
+                raise InputError(f"input {path} is a broken symbolic link (to {os.readlink(path)})") from None
+            if e.errno != errno.ENOENT:
+                raise InputError(f"cannot read input {path}: {e.strerror.lower()}") from None
         if path.is_file():
-            self.files.append(SourceFile(path, path.stat().st_size))
+            self._add_file(path)
         elif path.is_dir():
             found = []
-            for root, dirs, names in os.walk(path):
+            for root, dirs, names in os.walk(path, onerror=lambda e: self._unreadable(Path(e.filename), e)):
                 dirs[:] = [d for d in dirs if not d.startswith(".")]
                 found += [Path(root, name) for name in names if not name.startswith(".")]
             for file in sorted(found, key=lambda f: f.relative_to(path).parts):
                 if file.suffix.lower() in TEXT_SUFFIXES + RECORD_SUFFIXES:
-                    self.files.append(SourceFile(file, file.stat().st_size))
+                    self._add_file(file)
                 else:
                     self.skipped.append(file)
         else:
             raise InputError(f"input {path} does not exist; pass files or directories of text")
+
+    def _add_file(self, path: Path) -> None:
+        try:
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+        except OSError as e:
+            return self._unreadable(path, e)
+        self.files.append(SourceFile(path, size))
+
+    def _unreadable(self, path: Path, e: OSError) -> None:
+        if not self.skip_unreadable:
+            raise InputError(f"cannot read {path}: {e.strerror.lower()}; fix its permissions or skip what cannot be "
+                             "read with --skip-unreadable (skip_unreadable=True)") from None
+        self.unreadable.append(path)
 
     def __iter__(self) -> Iterator[str]:
         total = 0
@@ -94,7 +122,11 @@ def iter_texts(paths: PathLike | Iterable[PathLike], *, text_field: str = "text"
 def read_file(path: Path, *, text_field: str = "text", errors: str = "strict") -> Iterator[str]:
     """The non-empty documents of one file, chosen by its extension (unknown -> plain text)."""
     suffix = path.suffix.lower()
-    with open(path, "rb") as f:
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise InputError(f"cannot read {path}: {e.strerror.lower()}") from None
+    with f:
         _check_not_binary(f, path)
         if suffix == ".jsonl":
             yield from _read_jsonl(_lines(f, path, errors), path, text_field)

@@ -127,6 +127,7 @@ def prepare(
     seed: int = 0,
     errors: str = "strict",
     text_field: str = "text",
+    skip_unreadable: bool = False,
     force: bool = False,
     progress: bool = True,
     shard_tokens: int = SHARD_TOKENS,
@@ -149,7 +150,7 @@ def prepare(
         max_repeated_line_ratio=max_repeated_line_ratio,
         near_threshold=near_threshold,
     )
-    corpus = Corpus(paths, text_field=text_field, errors=errors)
+    corpus = Corpus(paths, text_field=text_field, errors=errors, skip_unreadable=skip_unreadable)
     cleaner = Cleaner(config)
     cut = CutReport(max_doc_chars)
     dtype = token_dtype(tokenizer.vocab_size)
@@ -198,6 +199,7 @@ def prepare(
             },
             "sources": [f.to_dict() for f in corpus.files],
             "skipped_files": [p.as_posix() for p in corpus.skipped],
+            "unreadable_skipped": [p.as_posix() for p in corpus.unreadable],
             "read": {"text_field": text_field, "errors": errors},
             "filters": config.to_dict(),
             "cleaning": cleaner.report.to_dict(),

@@ -7,6 +7,7 @@ softmax renormalizes over what is left. Temperature 0 means greedy (argmax after
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -25,12 +26,21 @@ class SamplingParams:
     presence_penalty: float = 0.0  # OpenAI: subtract this once if the token is in the output
 
     def __post_init__(self) -> None:
+        """Ranges as OpenAI documents them (temperature [0, 2], penalties [-2, 2]); every number finite."""
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "frequency_penalty", "presence_penalty"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)):
+                raise InputError(f"{name} must be a finite number, not {value!r}")
+        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int)):
+            raise InputError(f"top_k must be an integer, not {self.top_k!r}")
         checks = [
-            (self.temperature >= 0, f"temperature must be >= 0, not {self.temperature}"),
+            (0 <= self.temperature <= 2, f"temperature must be >= 0 and <= 2, not {self.temperature}"),
             (self.top_k is None or self.top_k >= 1, f"top_k must be >= 1, not {self.top_k}"),
             (self.top_p is None or 0 < self.top_p <= 1, f"top_p must be in (0, 1], not {self.top_p}"),
             (self.min_p is None or 0 <= self.min_p <= 1, f"min_p must be in [0, 1], not {self.min_p}"),
             (self.repetition_penalty > 0, f"repetition_penalty must be > 0, not {self.repetition_penalty}"),
+            (-2 <= self.frequency_penalty <= 2, f"frequency_penalty must be in [-2, 2], not {self.frequency_penalty}"),
+            (-2 <= self.presence_penalty <= 2, f"presence_penalty must be in [-2, 2], not {self.presence_penalty}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -99,7 +109,17 @@ def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
 
 
 def choose(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> torch.Tensor:
-    """[B, V] logits (penalties applied) -> [B] token ids: argmax when greedy, else a draw."""
+    """[B, V] logits (penalties applied) -> [B] token ids: argmax when greedy, else a draw.
+
+    Never raises on non-finite numbers: NaN logits count as -inf, and a row whose distribution
+    is not finite (a temperature so small or a penalty so large that the division overflows)
+    takes its argmax, the limit of that distribution."""
+    logits = logits.masked_fill(logits.isnan(), float("-inf"))
     if params.greedy:
         return logits.argmax(dim=-1)
-    return torch.multinomial(probabilities(logits, params), 1, generator=generator).squeeze(-1)
+    probs = probabilities(logits, params)
+    broken = ~torch.isfinite(probs).all(dim=-1) | ~(probs.sum(dim=-1) > 0)
+    if broken.any():
+        argmax = torch.nn.functional.one_hot(logits.argmax(dim=-1), logits.shape[-1]).to(probs.dtype)
+        probs = torch.where(broken[:, None], argmax, probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,7 @@ from safetensors.torch import load_model as load_safetensors
 from safetensors.torch import save_model as save_safetensors
 
 from slmkit import __version__
-from slmkit._io import write_json
+from slmkit._io import read_json, write_json
 from slmkit.config import ModelConfig
 from slmkit.devices import resolve_device, resolve_dtype
 from slmkit.errors import InputError
@@ -69,6 +68,10 @@ def load_model(directory: str | os.PathLike, device: str | torch.device = "cpu",
     if not weights.is_file():
         raise InputError(f"{directory} has no {WEIGHTS}")
     try:
+        open(weights, "rb").close()  # safetensors reports an unreadable file as a missing one
+    except OSError as e:
+        raise InputError(f"cannot read {weights}: {e.strerror.lower()}") from None
+    try:
         load_safetensors(model, str(weights), strict=True)
     except (SafetensorError, RuntimeError, OSError) as e:
         raise InputError(f"cannot read weights from {weights} (corrupt, truncated or for another config): {str(e).splitlines()[0]}") from None
@@ -95,12 +98,12 @@ def cast_floats(model: torch.nn.Module, dtype: torch.dtype) -> None:
 def read_config(directory: str | os.PathLike) -> tuple[ModelConfig, dict[str, Any] | None]:
     """config.json -> (the architecture, the "quantization" section of a quantized model or None)."""
     path = Path(directory) / "config.json"
+    values = read_json(path)
+    quantization = values.pop("quantization", None) if isinstance(values, dict) else None
     try:
-        values = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise InputError(f"{path} is not valid JSON: {e}") from None
-    quantization = values.pop("quantization", None)
-    return ModelConfig.from_dict(values), quantization
+        return ModelConfig.from_dict(values), quantization
+    except InputError as e:
+        raise InputError(f"{path}: {e}") from None
 
 
 def load(directory: str | os.PathLike, device: str | torch.device = "cpu",
@@ -111,4 +114,4 @@ def load(directory: str | os.PathLike, device: str | torch.device = "cpu",
 
 def generation_defaults(directory: str | os.PathLike) -> dict[str, Any]:
     path = Path(directory) / "generation.json"
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    return read_json(path) if path.is_file() else {}

@@ -18,7 +18,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Annotated, Any, Literal
 
 from slmkit.chat import ChatFormat
 from slmkit.errors import InputError, MissingExtraError
@@ -34,6 +34,7 @@ try:
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, Response, StreamingResponse
     from pydantic import BaseModel, ConfigDict, Field
+    from starlette.exceptions import HTTPException
 except ImportError:
     raise MissingExtraError("fastapi", "serve") from None
 
@@ -51,6 +52,13 @@ class EngineLoop:
         self.stopping = False
         self.thread = threading.Thread(target=self._run, name="slmkit-engine", daemon=True)
         self.event_loop: asyncio.AbstractEventLoop | None = None
+        self.heartbeat = time.monotonic()  # when the thread last finished a step or found no work
+
+    def stalled_for(self) -> float:
+        """Seconds the engine thread has been stuck (inf once it has died); 0 while it makes progress."""
+        if not self.thread.is_alive():
+            return float("inf")
+        return time.monotonic() - self.heartbeat
 
     def start(self) -> None:
         self.event_loop = asyncio.get_running_loop()
@@ -61,7 +69,7 @@ class EngineLoop:
         self.listeners[request.request_id] = listener
         try:
             self.engine.submit(request)
-        except InputError:
+        except BaseException:
             del self.listeners[request.request_id]
             raise
         self.wake.set()
@@ -78,17 +86,19 @@ class EngineLoop:
 
     def _run(self) -> None:
         while not self.stopping:
+            self.heartbeat = time.monotonic()
             self.wake.clear()
             if not self.engine.has_work():
                 self.wake.wait(0.05)
                 continue
             try:
                 outputs = self.engine.step()
-            except Exception:  # a bug must not leave clients waiting forever: end their requests
-                log.exception("engine step failed; aborting every request")
-                for request_id in list(self.listeners):
+            except Exception:  # a bug must not leave clients waiting forever: end their requests with an error
+                log.exception("engine step failed; ending every request in flight with an error")
+                ids = list(self.listeners)
+                for request_id in ids:
                     self.engine.abort(request_id)
-                continue
+                outputs = [Output(request_id, 0, [], "", [], "error") for request_id in ids]
             if outputs:
                 self.event_loop.call_soon_threadsafe(self._deliver, outputs)
 
@@ -111,48 +121,60 @@ class EngineLoop:
 
 
 # ---------------------------------------------------------------------------- request bodies
-class SamplingFields(BaseModel):
-    model_config = ConfigDict(extra="allow")
+# Strict: an unknown field is an error (a feature this server lacks is never silently ignored), and
+# no coercion (true is not 1, "yes" is not true). Ranges are OpenAI's; they appear in /openapi.json.
+def finite(default: Any = None, **bounds: float) -> Any:
+    """A float field that refuses NaN and the infinities (Python's JSON parser accepts both)."""
+    return Field(default, allow_inf_nan=False, **bounds)
+
+
+class Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class StreamOptions(Body):
+    include_usage: bool = False
+
+
+class SamplingFields(Body):
     model: str
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    min_p: float | None = None
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
-    repetition_penalty: float | None = None
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    n: int = 1
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = finite(ge=0, le=2)
+    top_p: float | None = finite(gt=0, le=1)
+    top_k: int | None = Field(None, ge=1)
+    min_p: float | None = finite(ge=0, le=1)
+    frequency_penalty: float = finite(0.0, ge=-2, le=2)
+    presence_penalty: float = finite(0.0, ge=-2, le=2)
+    repetition_penalty: float | None = finite(gt=0)
+    seed: int | None = Field(None, ge=0, lt=2**64)
+    stop: str | Annotated[list[str], Field(max_length=16)] | None = None
+    n: int = Field(1, ge=1)
     stream: bool = False
-    stream_options: dict[str, Any] | None = None
+    stream_options: StreamOptions | None = None
     ignore_eos: bool = False
 
 
 class CompletionBody(SamplingFields):
     prompt: str | list[int]
-    logprobs: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=20)
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class ChatMessage(Body):
     role: str
     content: str
 
 
 class ChatBody(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = None
+    max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
 
 
-class EmbeddingBody(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class EmbeddingBody(Body):
     model: str
     input: str | list[str] | list[int] | list[list[int]]
-    encoding_format: str = "float"
+    encoding_format: Literal["float", "base64"] = "float"
 
 
 class APIError(Exception):
@@ -162,13 +184,91 @@ class APIError(Exception):
         self.status, self.message, self.kind, self.code, self.param, self.headers = status, message, kind, code, param, headers
 
 
+def error_body(e: APIError) -> dict:
+    return {"error": {"message": e.message, "type": e.kind, "param": e.param, "code": e.code}}
+
+
 def error_response(e: APIError) -> JSONResponse:
-    body = {"error": {"message": e.message, "type": e.kind, "param": e.param, "code": e.code}}
-    return JSONResponse(body, status_code=e.status, headers=e.headers)
+    return JSONResponse(error_body(e), status_code=e.status, headers=e.headers)
+
+
+GENERATION_FAILED = APIError(500, "generation failed on the server (its log has the cause); other requests are unaffected",
+                             "server_error", "generation_failed")
+
+
+_BOUNDS = {"greater_than_equal": ("ge", ">="), "greater_than": ("gt", ">"), "less_than_equal": ("le", "<="),
+           "less_than": ("lt", "<")}
+
+
+_UNION_TAGS = {"str", "int", "float", "bool", "list", "dict"}
+
+
+def _field_path(loc: tuple) -> str:
+    """("body", "messages", 0, "role") -> "messages.0.role"; pydantic's union-member tags are left out."""
+    return ".".join(str(p) for p in loc[1:] if isinstance(p, int) or ("[" not in p and p not in _UNION_TAGS))
+
+
+def validation_error(errors: list[dict]) -> APIError:
+    """One OpenAI-shaped 400 for pydantic's errors: every unsupported field named, else the first problem."""
+    if any(e.get("type") == "json_invalid" for e in errors):
+        return APIError(400, "the request body is not valid JSON", code="invalid_json")
+    extra = [_field_path(e["loc"]) for e in errors if e.get("type") == "extra_forbidden"]
+    if extra:
+        names = ", ".join(repr(x) for x in extra)
+        return APIError(400, f"unsupported field{'s' * (len(extra) > 1)} {names}: this server does not implement "
+                             f"{'them' if len(extra) > 1 else 'it'}; remove {'them' if len(extra) > 1 else 'it'} from the request",
+                        param=extra[0], code="unsupported_field")
+    first = max(errors, key=lambda e: len(e.get("loc", ()))) if errors else {}  # in a union: the member that got furthest
+    where = _field_path(first.get("loc", ())) or "body"
+    kind, ctx = first.get("type", ""), first.get("ctx") or {}
+    if kind in _BOUNDS:
+        key, op = _BOUNDS[kind]
+        bound = ctx.get(key)
+        bound = int(bound) if isinstance(bound, float) and bound.is_integer() else bound
+        message = f"{where} must be {op} {bound}, not {first.get('input')!r}"
+    elif kind == "finite_number":
+        message = f"{where} must be a finite number"
+    elif kind == "missing":
+        message = f"{where} is required"
+    else:
+        message = f"{where}: {first.get('msg', 'invalid value')}"
+    return APIError(400, message, param=None if where == "body" else where)
+
+
+def http_error(e: HTTPException, request: HTTPRequest) -> APIError:
+    """Routing and parsing errors of the HTTP layer, in OpenAI's shape."""
+    if e.status_code == 404:
+        return APIError(404, f"no route {request.url.path}; the API is under /v1 (see /openapi.json)", code="not_found")
+    if e.status_code == 405:
+        return APIError(405, f"{request.url.path} does not accept {request.method}", code="method_not_allowed",
+                        headers=e.headers)
+    if e.status_code == 400:  # the body could not be parsed: not UTF-8, or nested too deep to decode
+        return APIError(400, "the request body could not be parsed as JSON (it must be UTF-8 JSON, not nested too deep)",
+                        code="invalid_json")
+    return APIError(e.status_code, str(e.detail), "invalid_request_error" if e.status_code < 500 else "server_error",
+                    headers=e.headers)
+
+
+class KeyCheck:
+    """ASGI middleware: the API (/v1/...) and its documentation need the key; /health and /metrics
+    do not. (A plain ASGI class: Starlette's @app.middleware wrapper would hide client
+    disconnects from the handlers.)"""
+
+    def __init__(self, app, server: "Server", protected: set[str | None]) -> None:
+        self.app, self.server, self.protected = app, server, protected
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and (scope["path"].startswith("/v1/") or scope["path"] in self.protected):
+            try:
+                self.server.check_auth(HTTPRequest(scope))
+            except APIError as e:
+                return await error_response(e)(scope, receive, send)
+        await self.app(scope, receive, send)
 
 
 class BodyLimit:
-    """ASGI middleware: a request body over `limit` bytes gets 413 before it is read whole."""
+    """ASGI middleware: a request body over `limit` bytes gets 413, whether it announces its length
+    or arrives chunked; the app sees the body only once it is known to fit."""
 
     def __init__(self, app, limit: int) -> None:
         self.app, self.limit = app, limit
@@ -176,28 +276,32 @@ class BodyLimit:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        too_large = APIError(413, f"the request body is larger than {self.limit} bytes", code="request_too_large")
+        too_large = error_response(APIError(413, f"the request body is larger than {self.limit} bytes",
+                                            code="request_too_large"))
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.limit:
-            return await error_response(too_large)(scope, receive, send)
-        seen = 0
-
-        async def limited_receive():
-            nonlocal seen
+            return await too_large(scope, receive, send)
+        chunks, size = [], 0
+        while True:
             message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.limit:
-                raise _BodyTooLarge
+            if message["type"] != "http.request":
+                return  # the client went away while sending
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limit:
+                return await too_large(scope, receive, send)
+            if not message.get("more_body", False):
+                break
+        body = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+        async def replay():
+            nonlocal body
+            if body is None:
+                return await receive()
+            message, body = body, None
             return message
 
-        try:
-            await self.app(scope, limited_receive, send)
-        except _BodyTooLarge:
-            await error_response(too_large)(scope, receive, send)
-
-
-class _BodyTooLarge(Exception):
-    pass
+        await self.app(scope, replay, send)
 
 
 # ---------------------------------------------------------------------------- the server
@@ -211,7 +315,7 @@ class Server:
         self.max_active = engine.max_seqs + max_queue
         self.active = 0
         self.loop = EngineLoop(engine)
-        self.metrics = ServerMetrics(engine)
+        self.metrics = ServerMetrics(engine, in_flight=lambda: self.active)
         self.created = int(time.time())
 
     # -------------------------------------------------------------- checks
@@ -253,8 +357,9 @@ class Server:
                        logprobs, self.adapter_for(body.model))
 
     # -------------------------------------------------------------- generation
-    async def outputs(self, http: HTTPRequest, request: Request, watch_disconnect: bool) -> AsyncIterator[Output]:
-        """Submit and yield the outputs; a client gone away aborts the request (blocks freed)."""
+    async def outputs(self, http: HTTPRequest, request: Request) -> AsyncIterator[Output]:
+        """Submit and yield the outputs. Whatever ends the request (its last output, an error, the
+        client going away, a cancellation) frees its slot; if it ends early the engine aborts it."""
         if self.active >= self.max_active:
             raise APIError(429, f"the server is busy ({self.active} requests in flight); retry shortly",
                            "rate_limit_error", "queue_full", headers={"Retry-After": "1"})
@@ -264,13 +369,14 @@ class Server:
         except InputError as e:
             raise APIError(400, str(e)) from None
         self.active += 1
-        self.metrics.prompt_tokens.inc(len(request.prompt) * request.n)
-        start = last = time.perf_counter()
-        remaining, first, finished = request.n, True, False
+        finished = False
         try:
+            self.metrics.prompt_tokens.inc(len(request.prompt) * request.n)
+            start = last = time.perf_counter()
+            remaining, first = request.n, True
             while remaining:
                 try:
-                    out = await asyncio.wait_for(queue.get(), timeout=0.5) if watch_disconnect else await queue.get()
+                    out = await asyncio.wait_for(queue.get(), timeout=0.5)
                 except asyncio.TimeoutError:
                     if await http.is_disconnected():
                         return
@@ -289,6 +395,8 @@ class Server:
                     remaining -= 1
                     self.metrics.requests.labels(out.finish_reason).inc()
                 yield out
+                if out.finish_reason == "error":
+                    return  # the rest of the request is aborted below
             finished = True
         finally:
             self.active -= 1
@@ -308,21 +416,32 @@ class Server:
         kind = "chat.completion" if chat else "text_completion"
         head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model}
         if body.stream:
-            stream = self.outputs(http, request, watch_disconnect=False)
-            first = await anext(stream)  # errors (429, 400) surface here, before the 200 is sent
+            stream = self.outputs(http, request)
+            try:
+                first = await anext(stream)  # errors (429, 400) surface here, before the 200 is sent
+            except StopAsyncIteration:  # the client went away before the first token
+                return Response(status_code=499)
+            except BaseException:
+                await stream.aclose()
+                raise
+            if first.finish_reason == "error":
+                await stream.aclose()
+                raise GENERATION_FAILED
             return StreamingResponse(self.events(stream, first, head, request, chat, body), media_type="text/event-stream")
-        choices = [{"tokens": [], "text": "", "logprobs": [], "finish_reason": None} for _ in range(request.n)]
+        choices: dict[int, dict] = {}  # filled as outputs come: `n` is validated only when the engine takes the request
         prompt_tokens = cached = 0
-        async for out in self.outputs(http, request, watch_disconnect=True):
-            c = choices[out.index]
+        async for out in self.outputs(http, request):
+            if out.finish_reason == "error":
+                raise GENERATION_FAILED
+            c = choices.setdefault(out.index, {"tokens": [], "text": "", "logprobs": [], "finish_reason": None})
             c["tokens"] += out.token_ids
             c["text"] += out.text
             c["logprobs"] += out.logprobs
             c["finish_reason"] = out.finish_reason or c["finish_reason"]
             prompt_tokens, cached = out.prompt_tokens, out.cached_tokens
-        completion_tokens = sum(len(c["tokens"]) for c in choices)
+        completion_tokens = sum(len(c["tokens"]) for c in choices.values())
         return JSONResponse({**head, "object": kind, "usage": self.usage(prompt_tokens, completion_tokens, cached),
-                             "choices": [self.choice(i, c, request, chat) for i, c in enumerate(choices)]})
+                             "choices": [self.choice(i, choices[i], request, chat) for i in sorted(choices)]})
 
     def choice(self, index: int, c: dict, request: Request, chat: bool) -> dict:
         logprobs = self.logprobs(c["tokens"], c["logprobs"], chat) if request.logprobs is not None else None
@@ -359,6 +478,9 @@ class Server:
 
         try:
             async for out in all_outputs():
+                if out.finish_reason == "error":
+                    yield f"data: {json.dumps(error_body(GENERATION_FAILED))}\n\n"
+                    return
                 prompt_tokens, cached = out.prompt_tokens, out.cached_tokens
                 counts[out.index] += len(out.token_ids)
                 logprobs = (self.logprobs(out.token_ids, out.logprobs, chat)
@@ -372,7 +494,7 @@ class Server:
                 else:
                     choice = {"index": out.index, "text": out.text, "logprobs": logprobs, "finish_reason": out.finish_reason}
                 yield f"data: {json.dumps({**head, 'object': kind, 'choices': [choice]})}\n\n"
-            if (body.stream_options or {}).get("include_usage"):
+            if body.stream_options is not None and body.stream_options.include_usage:
                 usage = self.usage(prompt_tokens, sum(counts), cached)
                 yield f"data: {json.dumps({**head, 'object': kind, 'choices': [], 'usage': usage})}\n\n"
             yield "data: [DONE]\n\n"
@@ -411,10 +533,8 @@ class Server:
         vectors = await asyncio.wrap_future(self.loop.run(lambda: self.engine.embed(prompts)))
         if body.encoding_format == "base64":
             data = [base64.b64encode(struct.pack(f"<{len(v)}f", *v)).decode() for v in vectors]
-        elif body.encoding_format == "float":
-            data = vectors
         else:
-            raise APIError(400, f"encoding_format must be 'float' or 'base64', not {body.encoding_format!r}")
+            data = vectors
         tokens = sum(map(len, prompts))
         return JSONResponse({"object": "list", "model": body.model, "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
                              "data": [{"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(data)]})
@@ -435,8 +555,10 @@ def create_app(
     api_key: str | None = None,
     max_queue: int = 256,
     max_body_bytes: int = 1 << 20,
+    stall_timeout: float = 60.0,
 ) -> FastAPI:
-    """The FastAPI app serving `engine`; the engine thread starts and stops with the app."""
+    """The FastAPI app serving `engine`; the engine thread starts and stops with the app. /health
+    answers 503 once the engine thread has been stuck in one step for `stall_timeout` seconds."""
     server = Server(engine, tokenizer, model_name, chat_format, defaults or {}, api_key, max_queue)
 
     @asynccontextmanager
@@ -454,23 +576,23 @@ def create_app(
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request: HTTPRequest, e: RequestValidationError) -> JSONResponse:
-        first = e.errors()[0] if e.errors() else {}
-        if first.get("type") == "json_invalid":
-            return error_response(APIError(400, "the request body is not valid JSON", code="invalid_json"))
-        where = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
-        return error_response(APIError(400, f"{where or 'body'}: {first.get('msg', 'invalid value')}", param=where))
+        return error_response(validation_error(list(e.errors())))
 
-    @app.middleware("http")
-    async def auth(request: HTTPRequest, call_next):
-        if request.url.path.startswith("/v1/"):
-            try:
-                server.check_auth(request)
-            except APIError as e:
-                return error_response(e)
-        return await call_next(request)
+    @app.exception_handler(HTTPException)
+    async def http_layer_error(request: HTTPRequest, e: HTTPException) -> JSONResponse:
+        return error_response(http_error(e, request))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: HTTPRequest, e: Exception) -> JSONResponse:
+        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=e)
+        return error_response(APIError(500, "internal server error (its log has the cause)", "server_error", "internal_error"))
 
     @app.get("/health")
     async def health() -> dict:
+        stalled = server.loop.stalled_for()
+        if stalled > stall_timeout:
+            why = "has stopped" if stalled == float("inf") else f"has been stuck for {stalled:.0f} s"
+            raise APIError(503, f"the engine thread {why}; restart the server", "server_error", "engine_stalled")
         return {"status": "ok"}
 
     @app.get("/metrics")
@@ -495,4 +617,6 @@ def create_app(
         return await server.embeddings(body)
 
     app.add_middleware(BodyLimit, limit=max_body_bytes)
+    app.add_middleware(KeyCheck, server=server,
+                       protected={app.openapi_url, app.docs_url, app.redoc_url, app.swagger_ui_oauth2_redirect_url})
     return app

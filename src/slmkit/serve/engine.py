@@ -18,6 +18,7 @@ only the thread that calls `step` touches the model and the cache.
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import queue
 import time
@@ -37,6 +38,8 @@ from slmkit.serve.kv_pages import BlockManager, KVPool, PagedBatch, block_hash
 from slmkit.serve.lora import MultiLoRA
 from slmkit.serve.speculative import Drafter, HiddenStateDrafter
 from slmkit.tokenizer import Tokenizer
+
+log = logging.getLogger("slmkit.serve")
 
 
 @dataclass
@@ -65,7 +68,7 @@ class Output:
     token_ids: list[int]
     text: str
     logprobs: list[tuple[float, dict[int, float]]]  # per token: (its logprob, top alternatives)
-    finish_reason: str | None = None  # "stop", "length" or "abort" on the last output
+    finish_reason: str | None = None  # "stop", "length", "abort" or "error" on the last output
     prompt_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens found in the prefix cache
 
@@ -154,6 +157,8 @@ class Engine:
                              f"the model's context of {self.context} tokens; lower max_tokens")
         if not 1 <= request.n <= self.max_seqs:
             raise InputError(f"n must be between 1 and {self.max_seqs}, not {request.n}")
+        if request.seed is not None and not 0 <= request.seed <= 2**64 - request.n:  # completion i uses seed + i
+            raise InputError(f"seed must be in [0, 2^64 - n], not {request.seed}")
         need = -(-(len(request.prompt) + request.max_tokens) // self.block_size)
         if need > self.blocks.num_blocks:
             raise InputError(f"the request needs {need} KV blocks; the pool has {self.blocks.num_blocks}")
@@ -321,7 +326,12 @@ class Engine:
                 if drafts:
                     self._verify(seq, drafts, rows)
                 else:
-                    token, logprob = self._sample(seq, rows[0])
+                    try:
+                        token, logprob = self._sample(seq, rows[0])
+                    except Exception:  # one sequence's failure ends that sequence, not the batch
+                        log.exception("sampling failed for %s; ending it with finish_reason 'error'", seq.request.request_id)
+                        self._finish(seq, "error")
+                        continue
                     self._append(seq, [token], [logprob])
         return self.outputs
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable
 
 from slmkit.errors import MissingExtraError
 from slmkit.serve.engine import Engine
@@ -12,13 +13,14 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 
 
 class ServerMetrics:
-    def __init__(self, engine: Engine, window_s: float = 10.0) -> None:
+    def __init__(self, engine: Engine, in_flight: Callable[[], int] = lambda: 0, window_s: float = 10.0) -> None:
         try:
             from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
         except ImportError:
             raise MissingExtraError("prometheus-client", "serve") from None
         self.registry = registry = CollectorRegistry()
         gauges = {
+            "requests_in_flight": ("HTTP requests admitted and not yet ended", in_flight),
             "queue_depth": ("requests waiting for a slot", lambda: len(engine.waiting)),
             "running_sequences": ("sequences in the running batch", lambda: len(engine.running)),
             "kv_blocks_used": ("KV-cache blocks in use", lambda: engine.blocks.num_used),
