@@ -37,7 +37,8 @@ def trained_on_a_cycle(size: dict, lr: float, steps: int = 60) -> Transformer:
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     objective = LanguageModeling()
     for _ in range(steps):
-        loss = objective.loss(model(cycle[:, :-1]), cycle[:, 1:]) + objective.extra_loss(model, cycle[:, 1:])
+        output = model(cycle[:, :-1], targets=cycle[:, 1:])
+        loss = objective.loss(output.logits, cycle[:, 1:]) + objective.extra_loss(model, output, cycle[:, 1:])
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()

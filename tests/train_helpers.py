@@ -53,8 +53,9 @@ def train_on_a_cycle(model, steps: int = 60, lr: float = 1e-2):
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     objective = LanguageModeling()
     for _ in range(steps):
-        loss = objective.loss(model(pattern[:, :-1]), pattern[:, 1:])
-        (loss + objective.extra_loss(model, pattern[:, 1:])).backward()
+        output = model(pattern[:, :-1], targets=pattern[:, 1:])
+        loss = objective.loss(output.logits, pattern[:, 1:])
+        (loss + objective.extra_loss(model, output, pattern[:, 1:])).backward()
         optimizer.step()
         optimizer.zero_grad()
     return model.eval()

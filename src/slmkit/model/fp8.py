@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slmkit.model.cache import Cache, DecodingCache
+
 E4M3 = torch.float8_e4m3fn
 E5M2 = torch.float8_e5m2
 TILE = 128
@@ -188,7 +190,7 @@ class FP8Rows:
         return self.values.nbytes + self.scale.nbytes
 
 
-class FP8KVCache:
+class FP8KVCache(Cache, DecodingCache):
     """`KVCache` with keys and values stored in e4m3, one scale per head vector (about half of bf16)."""
 
     def __init__(self, cfg, batch_size: int, max_len: int, device: torch.device, dtype: torch.dtype) -> None:

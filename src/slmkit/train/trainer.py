@@ -196,23 +196,26 @@ class Trainer:
         x, y = self.sampler.get_batch(cfg.batch_size * cfg.grad_accum)
         inputs, targets = self.objective.batch(x, y)
         total = torch.zeros((), device=dist.device)
+        loads = []  # expert load of each micro-batch, for the auxiliary-loss-free bias update
         for m in range(cfg.grad_accum):
             rows = slice(m * cfg.batch_size + dist.rank, (m + 1) * cfg.batch_size, dist.world)
             xb, tb = inputs[rows].to(dist.device), targets[rows].to(dist.device)
             syncing = m == cfg.grad_accum - 1 or not dist.enabled
             with self.forward_model.no_sync() if not syncing else contextlib.nullcontext():
                 with self.precision.autocast():
-                    loss = self.objective.loss(self.forward_model(xb), tb)
-                    extra = self.objective.extra_loss(self.model, tb)  # MoE balance, MTP
+                    output = self.forward_model(xb, targets=tb)  # logits, MTP logits, MoE balance loss and load
+                    loss = self.objective.loss(output.logits, tb)
+                    extra = self.objective.extra_loss(self.model, output, tb)  # MoE balance, MTP
                 self.scaler.scale((loss if extra is None else loss + extra) / cfg.grad_accum).backward()
             total += loss.detach()
+            loads.append(output.expert_load)
         self.scaler.unscale_(self.optimizer)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip else float("inf"))
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        moe_stats = balance_step(self.model)  # auxiliary-loss-free bias update from this step's load
+        moe_stats = balance_step(self.model, loads)  # auxiliary-loss-free bias update from this step's load
         return dist.mean(total / cfg.grad_accum).item(), grad_norm.item(), moe_stats
 
     @torch.no_grad()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from slmkit.model.transformer import ModelOutput
+
 
 class LanguageModeling:
     name = "lm"
@@ -17,13 +19,12 @@ class LanguageModeling:
         """Mean cross-entropy in fp32 (a bf16 log-softmax over the vocabulary loses precision)."""
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
-    def extra_loss(self, model: torch.nn.Module, targets: torch.Tensor) -> torch.Tensor | None:
-        """What the last training forward adds to the loss: the MoE balance loss and
-        mtp_loss_weight * `multi_token_loss` (None for a dense model without MTP)."""
-        balance, mtp_logits = model.auxiliary_losses(targets)
-        terms = [balance] if balance is not None else []
-        if mtp_logits:
-            terms.append(model.cfg.mtp_loss_weight * multi_token_loss(mtp_logits, targets))
+    def extra_loss(self, model: torch.nn.Module, output: ModelOutput, targets: torch.Tensor) -> torch.Tensor | None:
+        """What a training forward (`model(inputs, targets=targets)`) adds to the loss: the MoE
+        balance loss and mtp_loss_weight * `multi_token_loss` (None for a dense model without MTP)."""
+        terms = [output.aux_loss] if output.aux_loss is not None else []
+        if output.mtp_logits:
+            terms.append(model.cfg.mtp_loss_weight * multi_token_loss(output.mtp_logits, targets))
         return sum(terms) if terms else None
 
     def state_dict(self) -> dict:

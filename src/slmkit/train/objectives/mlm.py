@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from slmkit.model.transformer import ModelOutput
+
 IGNORE = -100
 
 
@@ -34,9 +36,9 @@ class MaskedLanguageModeling:
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
 
-    def extra_loss(self, model: torch.nn.Module, targets: torch.Tensor) -> torch.Tensor | None:
-        """The MoE balance loss of the last training forward, if any."""
-        return model.auxiliary_losses(targets)[0]
+    def extra_loss(self, model: torch.nn.Module, output: ModelOutput, targets: torch.Tensor) -> torch.Tensor | None:
+        """The MoE balance loss of a training forward, if any."""
+        return output.aux_loss
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state()}
