@@ -79,8 +79,8 @@ class MultiLoRALinear(nn.Module):
 
 
 class MultiLoRA:
-    """Attach adapters {name: directory} to `model` in place; `select(names)` sets the adapter of
-    each batch row (None = the base model) before a forward pass, `selected(names)` for one pass."""
+    """Attach adapters {name: directory} to `model` in place; `selected(names)` sets the adapter of
+    each batch row (None = the base model) for one forward pass."""
 
     def __init__(self, model: Transformer, adapters: dict[str, str | os.PathLike]) -> None:
         self.names = [None, *adapters]
@@ -113,14 +113,11 @@ class MultiLoRA:
             raise InputError(f"unknown adapter {name!r}; loaded: {', '.join(n for n in self.names if n) or 'none'}")
         return self.names.index(name)
 
-    def select(self, names: list[str | None]) -> None:
-        self.rows = torch.tensor([self.index(n) for n in names], dtype=torch.long, device=self.device)
-
     @contextlib.contextmanager
     def selected(self, names: list[str | None]) -> Iterator[None]:
         """Rows use these adapters inside the block and the base model after it, so that what
         runs between passes (drafters sharing the modules, embedding passes) sees the base."""
-        self.select(names)
+        self.rows = torch.tensor([self.index(n) for n in names], dtype=torch.long, device=self.device)
         try:
             yield
         finally:

@@ -206,9 +206,10 @@ class Trainer:
                     output = self.forward_model(xb, targets=tb)  # logits, MTP logits, MoE balance loss and load
                     loss = self.objective.loss(output.logits, tb)
                     extra = self.objective.extra_loss(self.model, output, tb)  # MoE balance, MTP
+                    loads.append(output.expert_load)
+                    del output  # its logits need not outlive the loss
                 self.scaler.scale((loss if extra is None else loss + extra) / cfg.grad_accum).backward()
             total += loss.detach()
-            loads.append(output.expert_load)
         self.scaler.unscale_(self.optimizer)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip else float("inf"))
