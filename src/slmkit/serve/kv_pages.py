@@ -118,7 +118,7 @@ class BlockManager:
 
 
 class PagedBatch(RaggedCache):
-    """The cache `Transformer.forward` sees in one engine step: rows of different lengths, each
+    """The cache the model sees in one engine step: rows of different lengths, each
     feeding its next tokens (a prefill chunk, one decode token, or a token plus drafts).
 
     `update` writes the new keys/values into the sequences' slots of the pool, then gathers
