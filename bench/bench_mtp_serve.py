@@ -37,7 +37,8 @@ def trained_on_a_cycle(size: dict, lr: float, steps: int = 60) -> Transformer:
     cycle = torch.arange(7).repeat(length)[None, :length]
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     for _ in range(steps):
-        loss = next_token_loss(model(cycle[:, :-1]), cycle[:, 1:]) + model_losses(model, cycle[:, 1:])[0]
+        output = model(cycle[:, :-1], targets=cycle[:, 1:])
+        loss = next_token_loss(output.logits, cycle[:, 1:]) + model_losses(model, output, cycle[:, 1:])[0]
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()

@@ -100,12 +100,13 @@ def test_model_losses_add_exactly_the_weighted_mtp_term(tmp_path):
                                     mtp_loss_weight=0.25)).train()
     x, y = torch.randint(0, 50, (2, 12)), torch.randint(0, 50, (2, 12))
     y[:, :3] = -100  # a masked prompt
-    model(x)
-    extra, logs = model_losses(model, y)
-    expected = multi_token_loss(model.auxiliary_losses(y)[1], y)
+    output = model(x, targets=y)
+    extra, logs = model_losses(model, output, y)
+    expected = multi_token_loss(output.mtp_logits, y)
     torch.testing.assert_close(extra, 0.25 * expected)
     torch.testing.assert_close(logs["mtp_loss"], expected)
-    assert model_losses(model, None) == (None, {})
+    assert model_losses(model, output, None) == (None, {})  # no next-token targets: no MTP term
+    assert model_losses(model, None, y) == (None, {})
 
 
 # ---------------------------------------------------------------------------- fp16

@@ -14,6 +14,7 @@ from slmkit.generation.sampling import SamplingParams
 from slmkit.model import Transformer
 from slmkit.model.inspect import count_parameters, kv_cache_bytes_per_token
 from slmkit.model.moe import (
+    ExpertLoad,
     MoE,
     balance_loss,
     balance_step,
@@ -112,10 +113,10 @@ ROUTERS = {
 def test_sorted_dispatch_equals_dense_reference(router: str, capacity_factor: float | None) -> None:
     layer = moe_layer(**ROUTERS[router], capacity_factor=capacity_factor)
     x = torch.randn(3, 40, 32, generator=torch.Generator().manual_seed(2), requires_grad=True)
-    fast = layer(x)
+    fast, _ = layer(x)
     grads_fast = torch.autograd.grad(fast.square().sum(), [x, *layer.parameters()])
     layer.reference = True
-    slow = layer(x)
+    slow, _ = layer(x)
     grads_slow = torch.autograd.grad(slow.square().sum(), [x, *layer.parameters()])
     assert_close(fast, slow, 1e-5)
     for a, b in zip(grads_fast, grads_slow):
@@ -155,15 +156,15 @@ def test_aux_loss_free_bias_moves_load_toward_balance() -> None:
     history = []
     for _ in range(60):
         with torch.no_grad():
-            layer(x)
-        history.append(balance_step(layer)["moe_max_mean"][0])
+            _, stats = layer(x)
+        history.append(balance_step(layer, [ExpertLoad.of([stats])])["moe_max_mean"][0])
     assert history[0] >= 3.5  # 2 of 8 experts take nearly all the load: max/mean near 4
     assert sum(history[-10:]) / 10 <= 1.5  # measured: 1.33
     frozen, _ = skewed_layer(rate=0.0)
     for _ in range(5):
         with torch.no_grad():
-            frozen(x)
-        assert balance_step(frozen)["moe_max_mean"][0] >= 3.5
+            _, stats = frozen(x)
+        assert balance_step(frozen, [ExpertLoad.of([stats])])["moe_max_mean"][0] >= 3.5
 
 
 def test_balance_loss_is_one_when_balanced_and_larger_when_skewed() -> None:
@@ -179,21 +180,30 @@ def test_balance_loss_is_one_when_balanced_and_larger_when_skewed() -> None:
     assert balance_loss(uniform, 8).item() == pytest.approx(1.0)
 
 
-def test_utilization_is_logged_per_layer_and_reset() -> None:
-    model = build(**MOE, n_layers=3, first_k_dense=1).train()
-    model(ids(2, 16))
-    stats = balance_step(model)
+def test_utilization_is_logged_per_layer_and_micro_batches_add_up() -> None:
+    model = build(**MOE, n_layers=3, first_k_dense=1, router_bias_rate=0.01).train()
+    first, second = model.forward_hidden(ids(2, 16)), model.forward_hidden(ids(2, 16, seed=2))
+    assert first.expert_load.load.shape == (2, 8) and first.expert_load.load.sum(dim=1).tolist() == [64.0, 64.0]
+    stats = balance_step(model, [first.expert_load])
     assert len(stats["moe_max_mean"]) == 2 and all(v >= 1.0 for v in stats["moe_max_mean"])
     assert all(0.0 < v <= 1.0 for v in stats["moe_entropy"])
-    assert balance_step(model)["moe_max_mean"] != stats["moe_max_mean"]  # nothing since the reset: nan
+    # one optimizer step over two micro-batches: the bias moves by the sign of their summed load
+    bias = [m.gate.e_score_correction_bias.clone() for m in model.modules() if isinstance(m, MoE)]
+    total = first.expert_load.load + second.expert_load.load
+    stats = balance_step(model, [first.expert_load, second.expert_load])
+    assert stats["moe_max_mean"] == pytest.approx([(t.max() / t.mean()).item() for t in total])
+    after = [m.gate.e_score_correction_bias for m in model.modules() if isinstance(m, MoE)]
+    for before, now, load in zip(bias, after, total):
+        torch.testing.assert_close(now - before, 0.01 * torch.sign(load.mean() - load))
+    assert balance_step(model, [None, None]) == {}  # dense, or not training: nothing to balance
 
 
 # ---------------------------------------------------------------------------- MTP
 def test_mtp_logits_and_loss_shapes_and_masking() -> None:
     model = build(mtp_depth=3).train()
     x, y = ids(2, 12), ids(2, 12, seed=5)
-    model(x)
-    _, logits = model.auxiliary_losses(y)
+    output = model(x, targets=y)
+    logits = output.mtp_logits
     assert [t.shape for t in logits] == [(2, 12, 97), (2, 11, 97), (2, 10, 97)]
     loss = multi_token_loss(logits, y)
     by_hand = sum(torch.nn.functional.cross_entropy(l[:, : 12 - k].flatten(0, 1), y[:, k:].flatten())
@@ -204,7 +214,7 @@ def test_mtp_logits_and_loss_shapes_and_masking() -> None:
     expected = sum(torch.nn.functional.cross_entropy(l[:, : 6 - k].flatten(0, 1), y[:, k:6].flatten())
                    for k, l in enumerate(logits, start=1)) / 3
     assert multi_token_loss(logits, masked).item() == pytest.approx(expected.item(), rel=1e-6)
-    total, logs = model_losses(model, y)
+    total, logs = model_losses(model, output, y)
     assert logs["mtp_loss"].item() == pytest.approx(loss.item(), rel=1e-6)
     assert total.item() == pytest.approx(0.3 * loss.item(), rel=1e-6)
     total.backward()

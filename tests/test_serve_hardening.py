@@ -15,6 +15,7 @@ pytest.importorskip("fastapi")
 from test_serve_server import KEY, assert_error, make_model_dir, post, wait_until_idle
 
 from slmkit.errors import InputError
+from slmkit.serve import sampler
 from slmkit.serve.engine import Engine, Request
 from slmkit.serve.server import build_app, running
 
@@ -91,14 +92,14 @@ def test_a_failing_sequence_ends_alone_with_an_error(model_dir, monkeypatch):
 
     model, tokenizer = load(model_dir)
     engine = Engine(model, tokenizer, block_size=8)
-    sample = engine._sample
+    sample = sampler.next_token
 
     def failing(seq, logits):
         if seq.request.request_id == "bad":
             raise RuntimeError("probability tensor contains either inf, nan or element < 0")
         return sample(seq, logits)
 
-    monkeypatch.setattr(engine, "_sample", failing)
+    monkeypatch.setattr(sampler, "next_token", failing)
     good = Request([1, 2, 3], max_tokens=20, stop_tokens=[], request_id="good")
     engine.submit(good)
     engine.submit(Request([4, 5], max_tokens=20, stop_tokens=[], request_id="bad"))
@@ -116,15 +117,14 @@ def test_a_failing_sequence_ends_alone_with_an_error(model_dir, monkeypatch):
 
 def test_a_failed_generation_is_a_500_and_other_requests_still_work(server, monkeypatch):
     url, state = server
-    engine = state.engine
-    sample = engine._sample
+    sample = sampler.next_token
 
     def failing(seq, logits):
         if seq.request.params.temperature == 1.5:
             raise RuntimeError("sampler bug")
         return sample(seq, logits)
 
-    monkeypatch.setattr(engine, "_sample", failing)
+    monkeypatch.setattr(sampler, "next_token", failing)
     bad = {"model": "tiny", "prompt": "hi", "max_tokens": 3, "temperature": 1.5}
     assert_error(post(server, "/v1/completions", bad), 500, "generation failed")
     assert_error(post(server, "/v1/completions", {**bad, "stream": True}), 500, "generation failed")

@@ -53,8 +53,9 @@ def train_on_a_cycle(model, steps: int = 60, lr: float = 1e-2):
     pattern = torch.arange(7).repeat(7)[None, :48]
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     for _ in range(steps):
-        loss = next_token_loss(model(pattern[:, :-1]), pattern[:, 1:])
-        (loss + model_losses(model, pattern[:, 1:])[0]).backward()
+        output = model(pattern[:, :-1], targets=pattern[:, 1:])
+        loss = next_token_loss(output.logits, pattern[:, 1:])
+        (loss + model_losses(model, output, pattern[:, 1:])[0]).backward()
         optimizer.step()
         optimizer.zero_grad()
     return model.eval()

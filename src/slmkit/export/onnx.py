@@ -45,6 +45,7 @@ from slmkit.export.onnx_fused import (
     build_fused_decoder,
     unsupported_reason,
 )
+from slmkit.model.cache import Cache
 from slmkit.model.io import load
 from slmkit.model.transformer import Transformer
 
@@ -69,7 +70,7 @@ def output_names(n_layers: int) -> list[str]:
     return ["logits", *past_names(n_layers, "present")]
 
 
-class PastKeyValues:
+class PastKeyValues(Cache):
     """The model's cache interface over given past tensors: `update` returns past + new (the
     `present` outputs) instead of writing into a preallocated buffer."""
 

@@ -27,12 +27,13 @@ import torch
 
 from slmkit.config import ModelConfig
 from slmkit.errors import InputError, MissingExtraError
+from slmkit.model.cache import DecodingCache
 from slmkit.tokenizer import Tokenizer
 
 OptLevel = Literal["disable", "basic", "extended", "all"]
 
 
-class OrtCache:
+class OrtCache(DecodingCache):
     """Traced graph: past keys and values of every layer as ONNX Runtime values, in input-name order."""
 
     def __init__(self, past: list, length: int = 0) -> None:
@@ -47,7 +48,7 @@ class OrtCache:
         self.past = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v.numpy()[index])) for v in self.past]
 
 
-class FusedCache:
+class FusedCache(DecodingCache):
     """Fused graph: a [batch, kv_heads, max_len, head_dim] buffer per layer and tensor, shared by
     the graph's past inputs and present outputs, and the number of tokens each row holds.
 

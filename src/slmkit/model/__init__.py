@@ -2,6 +2,7 @@
 
 from slmkit.config import PRESETS, ModelConfig
 from slmkit.model.attention import KVCache
-from slmkit.model.transformer import Transformer
+from slmkit.model.cache import Cache
+from slmkit.model.transformer import ModelOutput, Transformer
 
-__all__ = ["PRESETS", "KVCache", "ModelConfig", "Transformer"]
+__all__ = ["PRESETS", "Cache", "KVCache", "ModelConfig", "ModelOutput", "Transformer"]

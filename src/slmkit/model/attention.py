@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from slmkit.config import ModelConfig
+from slmkit.model.cache import Cache, DecodingCache
 from slmkit.model.layers import NORMS, apply_rotary, packed_outputs
 
 
@@ -62,7 +63,7 @@ def sdpa_attention(
 ATTENTION = {"reference": reference_attention, "sdpa": sdpa_attention}
 
 
-class KVCache:
+class KVCache(Cache, DecodingCache):
     """Keys and values of every layer for up to `max_len` positions, preallocated once."""
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device: torch.device, dtype: torch.dtype) -> None:
@@ -107,7 +108,7 @@ class Attention(nn.Module):
         x: torch.Tensor,
         rotation: tuple[torch.Tensor, torch.Tensor] | None,
         mask: torch.Tensor | None,
-        cache: KVCache | None,
+        cache: Cache | None,
     ) -> torch.Tensor:
         cfg = self.cfg
         b, t, _ = x.shape

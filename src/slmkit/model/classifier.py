@@ -21,7 +21,8 @@ from torch import nn
 from slmkit._io import write_json
 from slmkit.errors import InputError
 from slmkit.model.io import load_model, save_model_dir
-from slmkit.model.transformer import Transformer
+from slmkit.model.moe import moe_aux_loss
+from slmkit.model.transformer import ModelOutput, Transformer
 from slmkit.tokenizer import Tokenizer
 
 POOLINGS = ("last", "mean", "first")
@@ -53,13 +54,19 @@ class SequenceClassifier(nn.Module):
         nn.init.normal_(self.score.weight, std=backbone.cfg.init_std)
         nn.init.zeros_(self.score.bias)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """[B, T] ids (right-padded) -> [B, n_labels] logits."""
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                return_output: bool = False) -> torch.Tensor | tuple[torch.Tensor, ModelOutput]:
+        """[B, T] ids (right-padded) -> [B, n_labels] logits; with `return_output`, also the
+        backbone's `ModelOutput` (its MoE balance loss and expert load, for training)."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         full = bool(attention_mask.all())  # an unpadded batch takes the fast causal path
-        hidden = self.backbone(input_ids, None if full else attention_mask, return_hidden=True)
-        return self.score(pool(hidden, attention_mask, self.pooling))
+        output = self.backbone.forward_hidden(input_ids, None if full else attention_mask)
+        logits = self.score(pool(output.hidden, attention_mask, self.pooling))
+        if not return_output:
+            return logits
+        output.aux_loss = moe_aux_loss(output.router, self.backbone.cfg.aux_loss_coef)
+        return logits, output
 
     def freeze(self, train: str) -> None:
         """Which layers train: `head`, `last-N` (the last N blocks, final norm and head) or `all`."""

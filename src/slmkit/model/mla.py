@@ -21,10 +21,11 @@ from torch import nn
 
 from slmkit.config import ModelConfig
 from slmkit.model.attention import ATTENTION
+from slmkit.model.cache import Cache, DecodingCache
 from slmkit.model.layers import RMSNorm, apply_rotary
 
 
-class LatentCache:
+class LatentCache(Cache, DecodingCache):
     """Per layer and position: the normalized KV latent and the rotated shared RoPE key, nothing else."""
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device: torch.device, dtype: torch.dtype) -> None:
@@ -74,7 +75,7 @@ class LatentAttention(nn.Module):
         x: torch.Tensor,
         rotation: tuple[torch.Tensor, torch.Tensor] | None,
         mask: torch.Tensor | None,
-        cache: LatentCache | None,
+        cache: Cache | None,
     ) -> torch.Tensor:
         cfg = self.cfg
         b, t, _ = x.shape

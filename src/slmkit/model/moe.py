@@ -9,12 +9,16 @@ tokens (`dispatch`); `dense_reference` runs every expert on every token and mask
 to read. Tests hold them equal. Balancing comes two ways: an auxiliary loss (Switch/GShard), and a
 per-expert bias that only steers selection, nudged after each optimizer step toward the
 underloaded experts (DeepSeek-V3). A capacity factor caps tokens per expert (the rest are
-dropped: they pass through on the residual); without it, dispatch is dropless.
+dropped: they pass through on the residual); without it, dispatch is dropless. A training forward
+returns each layer's balance loss and expert load (`RouterStats`) next to its output; the
+Transformer gathers them into its `ModelOutput`, and the trainer hands the load of every
+micro-batch to `balance_step`.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -116,8 +120,36 @@ def balance_loss(routing: Routing, n_experts: int) -> torch.Tensor:
     return n_experts * (f * p).sum()
 
 
+@dataclass
+class RouterStats:
+    """What one MoE layer's training forward reports: its balance loss (None when
+    aux_loss_coef is 0), assignments per expert [E] and assignments dropped at capacity."""
+
+    balance_loss: torch.Tensor | None
+    load: torch.Tensor
+    dropped: torch.Tensor
+
+
+@dataclass
+class ExpertLoad:
+    """Assignments per expert [n_moe_layers, E] and dropped assignments [n_moe_layers] of the MoE
+    layers (in `moe_layers` order) over one or more training forwards; micro-batches add up."""
+
+    load: torch.Tensor
+    dropped: torch.Tensor
+
+    @classmethod
+    def of(cls, stats: list[RouterStats]) -> ExpertLoad | None:
+        if not stats:
+            return None
+        return cls(torch.stack([s.load for s in stats]), torch.stack([s.dropped for s in stats]))
+
+    def __add__(self, other: ExpertLoad) -> ExpertLoad:
+        return ExpertLoad(self.load + other.load, self.dropped + other.dropped)
+
+
 class MoE(nn.Module):
-    """Routed experts + optional shared experts; keeps its aux loss and expert load for the trainer."""
+    """Routed experts + optional shared experts. In training, also returns its `RouterStats`."""
 
     def __init__(self, cfg: ModelConfig, layer: int = 0) -> None:
         super().__init__()
@@ -127,11 +159,8 @@ class MoE(nn.Module):
         if cfg.n_shared_experts:
             self.shared_experts = MLPS[cfg.mlp](cfg, cfg.moe_ffn_hidden * cfg.n_shared_experts)
         self.reference = False  # True: `dense_reference` instead of `dispatch` (tests)
-        self.aux_loss: torch.Tensor | None = None
-        self.register_buffer("load", torch.zeros(cfg.n_experts), persistent=False)  # assignments since reset
-        self.dropped = 0
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RouterStats | None]:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         routing = self.gate(flat)
@@ -139,30 +168,30 @@ class MoE(nn.Module):
         y = (dense_reference if self.reference else dispatch)(flat, routing, self.experts, keep)
         if self.cfg.n_shared_experts:
             y = y + self.shared_experts(flat)
+        stats = None
         if self.training:
             with torch.no_grad():
-                self.load += torch.bincount(routing.experts.flatten(), minlength=self.cfg.n_experts).float()
-                self.dropped += int((~keep).sum())
-            self.aux_loss = balance_loss(routing, self.cfg.n_experts) if self.cfg.aux_loss_coef else None
-        return y.view(shape)
+                load = torch.bincount(routing.experts.flatten(), minlength=self.cfg.n_experts).float()
+                dropped = (~keep).sum()
+            balance = balance_loss(routing, self.cfg.n_experts) if self.cfg.aux_loss_coef else None
+            stats = RouterStats(balance, load, dropped)
+        return y.view(shape), stats
 
     @torch.no_grad()
-    def update_bias(self) -> None:
+    def update_bias(self, load: torch.Tensor) -> None:
         """Auxiliary-loss-free balancing: raise the bias of underloaded experts, lower the overloaded."""
-        if self.cfg.router_bias_rate and self.load.sum() > 0:
-            self.gate.e_score_correction_bias += self.cfg.router_bias_rate * torch.sign(self.load.mean() - self.load)
+        if self.cfg.router_bias_rate and load.sum() > 0:
+            self.gate.e_score_correction_bias += self.cfg.router_bias_rate * torch.sign(load.mean() - load)
 
 
 def moe_layers(model: nn.Module) -> list[tuple[str, MoE]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, MoE)]
 
 
-def moe_aux_loss(model: nn.Module) -> torch.Tensor | None:
-    """aux_loss_coef * mean balance loss of the MoE layers of the last training forward."""
-    losses = [m.aux_loss for _, m in moe_layers(model) if m.aux_loss is not None]
-    if not losses:
-        return None
-    return moe_layers(model)[0][1].cfg.aux_loss_coef * torch.stack(losses).mean()
+def moe_aux_loss(stats: list[RouterStats], aux_loss_coef: float) -> torch.Tensor | None:
+    """aux_loss_coef * mean balance loss of the MoE layers of one training forward (None without one)."""
+    losses = [s.balance_loss for s in stats if s.balance_loss is not None]
+    return aux_loss_coef * torch.stack(losses).mean() if losses else None
 
 
 def load_statistics(load: torch.Tensor) -> dict[str, float]:
@@ -175,14 +204,17 @@ def load_statistics(load: torch.Tensor) -> dict[str, float]:
     return {"max_mean": (load.max() / load.mean()).item(), "entropy": entropy.item()}
 
 
-def balance_step(model: nn.Module) -> dict[str, list[float]]:
-    """After an optimizer step: per-layer utilization of the load since the last call, the bias
-    update, and a reset. Empty for a dense model."""
+def balance_step(model: nn.Module, loads: Sequence[ExpertLoad | None]) -> dict[str, list[float]]:
+    """After an optimizer step, given the `ModelOutput.expert_load` of each of its micro-batches:
+    per-layer utilization of their summed load, and the bias update. Empty for a dense model."""
+    layers = moe_layers(model)
+    present = [load for load in loads if load is not None]
+    if not layers or not present:
+        return {}
+    total = sum(present[1:], present[0])
     stats: dict[str, list[float]] = {}
-    for _, m in moe_layers(model):
-        for key, value in {**load_statistics(m.load), "dropped": float(m.dropped)}.items():
+    for (_, m), load, dropped in zip(layers, total.load, total.dropped.tolist()):
+        for key, value in {**load_statistics(load), "dropped": float(dropped)}.items():
             stats.setdefault(f"moe_{key}", []).append(value)
-        m.update_bias()
-        m.load.zero_()
-        m.dropped = 0
+        m.update_bias(load)
     return stats

@@ -5,8 +5,9 @@ i + k, and predicts token i + k + 1 through the shared output head:
 
     h^k_i = Block_k(eh_proj([enorm(embed(t_{i+k})) ; hnorm(h^{k-1}_i)])),   logits^k_i = lm_head(norm_k(h^k_i))
 
-h^0 is the main model's last hidden state (before its final norm). In training the modules add a
-weighted loss (`slmkit.train.objectives.lm`); at inference they draft D tokens which the main
+h^0 is the main model's last hidden state before its final norm (`ModelOutput.last_hidden`). In
+training, `model(inputs, targets=...)` runs the modules and returns their logits, for the weighted
+loss of `slmkit.train.objectives.lm`; at inference they draft D tokens which the main
 model verifies in one forward pass. Verification keeps the longest prefix of drafts that equal the
 main model's own greedy choices, plus the main model's next token, so the output is exactly greedy
 decoding; how many drafts survive is the acceptance rate.
@@ -23,6 +24,7 @@ from torch import nn
 from slmkit.config import ModelConfig
 from slmkit.errors import InputError
 from slmkit.model.layers import NORMS
+from slmkit.model.moe import RouterStats
 
 
 class MTPModule(nn.Module):
@@ -36,7 +38,8 @@ class MTPModule(nn.Module):
         self.block = block
         self.norm = NORMS[cfg.norm](cfg.d_model, cfg)
 
-    def forward(self, hidden: torch.Tensor, embedded: torch.Tensor, rotation) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, embedded: torch.Tensor, rotation) -> tuple[torch.Tensor, RouterStats | None]:
+        """This depth's hidden states, and its block's router statistics (an MoE block in training)."""
         x = self.eh_proj(torch.cat([self.enorm(embedded), self.hnorm(hidden)], dim=-1))
         return self.block(x, rotation, None, None)
 
@@ -46,19 +49,24 @@ class MultiTokenPrediction(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(MTPModule(cfg, make_block(cfg.n_layers + k)) for k in range(cfg.mtp_depth))
 
-    def forward(self, model: nn.Module, hidden: torch.Tensor, next_tokens: torch.Tensor) -> list[torch.Tensor]:
-        """Logits of every depth. hidden [B, T, d]: h^0 at positions 0..T-1; next_tokens [B, >= T]: the
-        tokens at positions 1, 2, ... (the LM targets). Depth k returns [B, rows_k, V] for positions
-        0..rows_k-1, where rows_k shrinks by one per depth as the known tokens run out."""
-        out = []
+    def forward(
+        self, model: nn.Module, hidden: torch.Tensor, next_tokens: torch.Tensor
+    ) -> tuple[list[torch.Tensor], list[RouterStats]]:
+        """Logits of every depth, and the router statistics of its MoE blocks. hidden [B, T, d]: h^0
+        at positions 0..T-1; next_tokens [B, >= T]: the tokens at positions 1, 2, ... (the LM
+        targets). Depth k returns [B, rows_k, V] for positions 0..rows_k-1, where rows_k shrinks by
+        one per depth as the known tokens run out."""
+        logits, router = [], []
         for k, module in enumerate(self.layers, start=1):
             rows = min(hidden.shape[1], next_tokens.shape[1] - k + 1)
             if rows < 1:
                 break
-            hidden = module(hidden[:, :rows], model.embed_tokens(next_tokens[:, k - 1 : k - 1 + rows].clamp(min=0)),
-                            model.rotation_for(rows, hidden.device))
-            out.append(model.head(module.norm(hidden)))
-        return out
+            hidden, stats = module(hidden[:, :rows], model.embed_tokens(next_tokens[:, k - 1 : k - 1 + rows].clamp(min=0)),
+                                   model.rotation_for(rows, hidden.device))
+            logits.append(model.head(module.norm(hidden)))
+            if stats is not None:
+                router.append(stats)
+        return logits, router
 
 
 # ---------------------------------------------------------------------------- self-speculative decoding
@@ -94,8 +102,9 @@ def speculative_greedy(
         return result
     cache = model.new_cache(1, max_len=cfg.context_length)
     ids = torch.tensor([list(prompt)], device=device)
-    logits = model(ids, cache=cache)
-    hidden = model.mtp_hidden  # h^0 of every position fed so far
+    out = model.forward_hidden(ids, cache=cache)
+    hidden = out.last_hidden  # h^0 of every position fed so far
+    logits = model.head(out.hidden[:, -1:])
     sequence = list(prompt)
     next_token = int(logits[0, -1].argmax())
     while True:
@@ -108,7 +117,8 @@ def speculative_greedy(
         room = min(cfg.mtp_depth, budget - len(result.tokens), cfg.context_length - cache.length - 1)
         drafts = draft_tokens(model, hidden, sequence, room)
         fed = torch.tensor([[next_token, *drafts]], device=device)
-        logits = model(fed, cache=cache)
+        out = model.forward_hidden(fed, cache=cache)
+        logits = model.head(out.hidden)
         result.forward_passes += 1
         greedy = logits[0].argmax(dim=-1).tolist()  # greedy[j]: the main model's token after fed[j]
         n_ok = 0
@@ -119,7 +129,7 @@ def speculative_greedy(
         result.accepted_per_round.append(n_ok)
         keep = 1 + n_ok  # next_token and the accepted drafts now sit in the cache
         cache.length -= len(fed[0]) - keep  # forget the rejected drafts' keys and values
-        hidden = torch.cat([hidden, model.mtp_hidden[:, :keep]], dim=1)
+        hidden = torch.cat([hidden, out.last_hidden[:, :keep]], dim=1)
         for token in drafts[:n_ok]:
             result.tokens.append(token)
             sequence.append(token)
@@ -137,8 +147,8 @@ def draft_tokens(model: nn.Module, hidden: torch.Tensor, sequence: Sequence[int]
     tokens = torch.tensor([sequence[1:]], device=device)  # tokens at positions 1 .. len-1
     for module in model.mtp.layers[:n]:
         rows = min(hidden.shape[1], tokens.shape[1] - len(drafts))
-        hidden = module(hidden[:, :rows], model.embed_tokens(tokens[:, len(drafts) : len(drafts) + rows]),
-                        model.rotation_for(rows, device))
+        hidden, _ = module(hidden[:, :rows], model.embed_tokens(tokens[:, len(drafts) : len(drafts) + rows]),
+                           model.rotation_for(rows, device))
         token = int(model.head(module.norm(hidden[:, -1:]))[0, -1].argmax())
         drafts.append(token)
         tokens = torch.cat([tokens, torch.tensor([[token]], device=device)], dim=1)

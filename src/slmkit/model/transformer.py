@@ -4,6 +4,13 @@
     for each block:  x = x + attn(norm(x));  x = x + mlp(norm(x))
     logits = lm_head(norm(x)) [soft-capped]
 
+`model(input_ids)` returns the logits. Callers that need more call the two halves:
+`forward_hidden` runs the blocks and returns a `ModelOutput` (final hidden states, the hidden
+state before the final norm that the MTP modules read, and in training the MoE balance loss and
+expert load), and `head` turns hidden states into logits. A training step calls
+`model(inputs, targets=targets)`, which returns the whole `ModelOutput` with the logits and the
+MTP modules' logits filled in. Nothing a forward computes is left on the modules.
+
 Module names follow the Hugging Face Llama layout (embed_tokens, layers.N.self_attn.q_proj, ...)
 so weights map across with little more than a rename.
 """
@@ -11,6 +18,7 @@ so weights map across with little more than a rename.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -19,9 +27,10 @@ from torch import nn
 from slmkit.config import ModelConfig
 from slmkit.errors import InputError
 from slmkit.model.attention import Attention, KVCache
+from slmkit.model.cache import Cache
 from slmkit.model.layers import MLPS, NORMS, POSITIONS, PackedLinears
 from slmkit.model.mla import LatentAttention, LatentCache
-from slmkit.model.moe import MoE, moe_aux_loss
+from slmkit.model.moe import ExpertLoad, MoE, RouterStats, moe_aux_loss
 from slmkit.model.mtp import MultiTokenPrediction
 from slmkit.quant.fp8_cache import FP8KVCache, FP8LatentCache
 from slmkit.quant.linear import use_fp8_linears
@@ -32,6 +41,23 @@ FP8_CACHES = {"mha": FP8KVCache, "mla": FP8LatentCache}
 FEED_FORWARD = {"dense": lambda cfg, layer: MLPS[cfg.mlp](cfg), "moe": MoE}
 
 
+@dataclass
+class ModelOutput:
+    """What one forward pass computed, for callers that need more than the logits."""
+
+    hidden: torch.Tensor  # [B, T', d] after the final norm, the head's input (T' = logits_to_keep or T)
+    last_hidden: torch.Tensor  # [B, T, d] before the final norm: h^0 of the MTP modules
+    router: list[RouterStats] = field(default_factory=list)  # per MoE layer that ran in training
+    aux_loss: torch.Tensor | None = None  # aux_loss_coef * mean MoE balance loss (training)
+    logits: torch.Tensor | None = None  # [B, T', vocab], when the forward was given targets
+    mtp_logits: list[torch.Tensor] = field(default_factory=list)  # per MTP depth, given targets
+
+    @property
+    def expert_load(self) -> ExpertLoad | None:
+        """Expert assignments of the MoE layers, for `balance_step` (None: dense, or not training)."""
+        return ExpertLoad.of(self.router)
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
@@ -39,15 +65,19 @@ class Block(nn.Module):
         self.self_attn = ATTENTION_KINDS[cfg.attention_kind](cfg, layer)
         self.post_attention_layernorm = NORMS[cfg.norm](cfg.d_model, cfg)
         self.mlp = FEED_FORWARD[cfg.ffn_kind if layer >= cfg.first_k_dense else "dense"](cfg, layer)
+        self.routed = isinstance(self.mlp, MoE)  # returns its RouterStats with its output
         self.dropout = cfg.dropout_resid
         self.sliding = cfg.sliding_window is not None and (cfg.sliding_window_layers is None or layer in cfg.sliding_window_layers)
         if cfg.output_norms:  # Gemma 2 also norms each sublayer's output ("sandwich" norms)
             self.attn_output_norm = NORMS[cfg.norm](cfg.d_model, cfg)
             self.mlp_output_norm = NORMS[cfg.norm](cfg.d_model, cfg)
 
-    def forward(self, x, rotation, mask, cache):
+    def forward(self, x, rotation, mask, cache: Cache | None) -> tuple[torch.Tensor, RouterStats | None]:
+        """The block's output and, for an MoE block in training, its router's statistics."""
         x = x + self.residual(self.self_attn(self.input_layernorm(x), rotation, mask, cache), "attn_output_norm")
-        return x + self.residual(self.mlp(self.post_attention_layernorm(x)), "mlp_output_norm")
+        h = self.post_attention_layernorm(x)
+        y, stats = self.mlp(h) if self.routed else (self.mlp(h), None)
+        return x + self.residual(y, "mlp_output_norm"), stats
 
     def residual(self, y: torch.Tensor, output_norm: str) -> torch.Tensor:
         """A sublayer's output on its way into the residual stream: normed (Gemma 2), dropped out
@@ -74,7 +104,6 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.mtp = MultiTokenPrediction(cfg, lambda layer: Block(cfg, layer)) if cfg.mtp_depth else None
-        self.mtp_hidden: torch.Tensor | None = None  # last hidden state before the final norm (MTP models)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2: scale residual projections by depth
             if name.endswith(("o_proj.weight", "down_proj.weight")):
@@ -92,22 +121,49 @@ class Transformer(nn.Module):
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
-        cache: KVCache | None = None,
+        cache: Cache | None = None,
         return_hidden: bool = False,
         positions: torch.Tensor | None = None,
         logits_to_keep: int = 0,
-    ) -> torch.Tensor:
+        targets: torch.Tensor | None = None,
+    ) -> torch.Tensor | ModelOutput:
         """input_ids [B, T] -> logits [B, T, vocab] (or final hidden states [B, T, d]).
 
-        `logits_to_keep` > 0 returns only the last that many positions: a prompt's prefill needs
-        the logits of its last token alone, and the output projection is the largest matmul.
+        Arguments as in `forward_hidden`. Given `targets` [B, T] (the training objective's; for a
+        causal LM the tokens at positions 1..T), returns the whole `ModelOutput` instead, with the
+        logits and, for a model with MTP modules, the logits of every MTP depth: a training step
+        takes its loss terms from it. It runs through `__call__`, so DDP and torch.compile see it.
+        """
+        out = self.forward_hidden(input_ids, attention_mask, cache, positions, logits_to_keep)
+        if targets is None:
+            return out.hidden if return_hidden else self.head(out.hidden)
+        out.logits = self.head(out.hidden)
+        if self.mtp is not None:
+            out.mtp_logits, mtp_router = self.mtp(self, out.last_hidden, targets)
+            out.router += mtp_router
+        out.aux_loss = moe_aux_loss(out.router, self.cfg.aux_loss_coef)
+        return out
+
+    def forward_hidden(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        positions: torch.Tensor | None = None,
+        logits_to_keep: int = 0,
+    ) -> ModelOutput:
+        """input_ids [B, T] -> `ModelOutput`: the blocks without the output head.
+
+        `logits_to_keep` > 0 keeps only the last that many positions of `hidden`: a prompt's
+        prefill needs the logits of its last token alone, and the output projection is the
+        largest matmul.
 
         attention_mask [B, past + T] marks real tokens (1) and padding (0), for left-padded batches;
         with a `cache`, only the new tokens are passed and the cache supplies the past.
         `positions` [B, T] places every new token of a ragged batch (serving: each row at its own
-        length); the cache then also supplies `key_positions` [B, K] and the boolean `mask` [B, 1, T, K].
-        Without a cache, `positions` describe packed rows: each document starts again at position 0
-        and attends only within itself.
+        length); the cache (a `RaggedCache`) then also supplies `key_positions` [B, K] and the
+        boolean `mask` [B, 1, T, K]. Without a cache, `positions` describe packed rows: each
+        document starts again at position 0 and attends only within itself.
         """
         cfg = self.cfg
         b, t = input_ids.shape
@@ -132,21 +188,20 @@ class Transformer(nn.Module):
             mask = bias.masked_fill(~allowed, float("-inf")) if allowed is not None else bias
         rotation = self.pos.rotation(positions)
         window_mask = self._window(mask, positions, k_positions, t, total) if cfg.sliding_window else None
+        router: list[RouterStats] = []
         for block in self.layers:
-            x = block(x, rotation, window_mask if block.sliding else mask, cache)
+            x, stats = block(x, rotation, window_mask if block.sliding else mask, cache)
+            if stats is not None:
+                router.append(stats)
         if cache is not None:
             cache.advance(t)
-        if self.mtp is not None:
-            self.mtp_hidden = x
+        last_hidden = x
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
-        x = self.norm(x)
-        if return_hidden:
-            return x
-        return self.head(x)
+        return ModelOutput(self.norm(x), last_hidden, router, moe_aux_loss(router, cfg.aux_loss_coef))
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalized hidden states -> logits (shared by the MTP modules)."""
+        """Normalized hidden states -> logits (shared by the MTP modules and the serving engine)."""
         logits = self.lm_head(x)
         if self.cfg.logit_softcap:
             logits = self.cfg.logit_softcap * torch.tanh(logits / self.cfg.logit_softcap)
@@ -185,12 +240,6 @@ class Transformer(nn.Module):
     def rotation_for(self, length: int, device: torch.device):
         """RoPE tables of positions 0..length-1 for one row (MTP modules run on plain prefixes)."""
         return self.pos.rotation(torch.arange(length, device=device)[None])
-
-    def auxiliary_losses(self, targets: torch.Tensor) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
-        """After a training forward: the weighted MoE balance loss (or None) and the logits of each
-        MTP depth (empty without MTP modules), for the objective to add to its loss."""
-        mtp_logits = self.mtp(self, self.mtp_hidden, targets) if self.mtp is not None else []
-        return moe_aux_loss(self), mtp_logits
 
     def _causal(self, t: int, total: int, device: torch.device) -> torch.Tensor | None:
         if not self.cfg.causal:
@@ -232,8 +281,9 @@ class Transformer(nn.Module):
         allowed = allowed | _diagonal(t, total, device)
         return k_positions[:, past:], k_positions, allowed[:, None]
 
-    def new_cache(self, batch_size: int, max_len: int | None = None, fp8: bool = False) -> KVCache | LatentCache:
-        """A cache for `batch_size` rows; `fp8` stores it in e4m3 with per-vector scales."""
+    def new_cache(self, batch_size: int, max_len: int | None = None, fp8: bool = False) -> KVCache | LatentCache | FP8KVCache:
+        """A contiguous cache (`Cache` and `DecodingCache`) for `batch_size` rows; `fp8` stores it in
+        e4m3 with per-vector scales."""
         p = self.embed_tokens.weight
         return (FP8_CACHES if fp8 else CACHES)[self.cfg.attention_kind](self.cfg, batch_size, max_len or self.cfg.context_length, p.device, p.dtype)
 

@@ -70,7 +70,7 @@ def block_inputs(model: Transformer, ids: torch.Tensor, batch_size: int = 8) -> 
 @torch.no_grad()
 def run_block(block: nn.Module, inputs: list[BlockInput]) -> list[BlockInput]:
     """Feed every batch through `block`; its outputs, with the same other arguments, are the next block's inputs."""
-    return [((block(*args, **kwargs), *args[1:]), kwargs) for args, kwargs in inputs]
+    return [((block(*args, **kwargs)[0], *args[1:]), kwargs) for args, kwargs in inputs]  # (hidden states, router stats)
 
 
 @torch.no_grad()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from slmkit.model.cache import Cache, DecodingCache
 from slmkit.quant.fp8 import E4M3, fp8_max
 
 
@@ -35,7 +36,7 @@ class FP8Rows:
         return self.values.nbytes + self.scale.nbytes
 
 
-class FP8KVCache:
+class FP8KVCache(Cache, DecodingCache):
     """`KVCache` with keys and values stored in e4m3, one scale per head vector (about half of bf16)."""
 
     def __init__(self, cfg, batch_size: int, max_len: int, device: torch.device, dtype: torch.dtype) -> None:

@@ -25,7 +25,7 @@ from slmkit.errors import InputError, MissingExtraError
 from slmkit.generation.api import encode_prompt
 from slmkit.generation.sampling import SamplingParams
 from slmkit.serve.engine import Engine, Output, Request
-from slmkit.serve.metrics import ServerMetrics
+from slmkit.serve.prometheus import ServerMetrics
 from slmkit.tokenizer import Tokenizer
 
 try:

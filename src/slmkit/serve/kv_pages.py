@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import torch
 
 from slmkit.config import ModelConfig
+from slmkit.model.cache import RaggedCache
 
 
 class KVPool:
@@ -116,8 +117,8 @@ class BlockManager:
             self.hash_of[block] = key
 
 
-class PagedBatch:
-    """The cache `Transformer.forward` sees in one engine step: rows of different lengths, each
+class PagedBatch(RaggedCache):
+    """The cache the model sees in one engine step: rows of different lengths, each
     feeding its next tokens (a prefill chunk, one decode token, or a token plus drafts).
 
     `update` writes the new keys/values into the sequences' slots of the pool, then gathers

@@ -35,7 +35,8 @@ from tqdm.auto import tqdm
 
 from slmkit.errors import InputError
 from slmkit.model.lora import trainable_parameters
-from slmkit.model.moe import balance_step
+from slmkit.model.moe import ExpertLoad, balance_step
+from slmkit.model.transformer import ModelOutput
 from slmkit.train import checkpoint as ckpt
 from slmkit.train.distributed import Dist
 from slmkit.train.run_metrics import MetricsLog
@@ -93,20 +94,21 @@ class FitResult:
     stopped_early: bool
 
 
-def model_losses(model: nn.Module, targets: torch.Tensor | None) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
-    """What the model itself adds to any objective's loss after a training forward: its MoE balance
-    loss, and mtp_loss_weight * the multi-token loss against `targets` (the batch's next tokens;
-    objectives without them, like classification, get no MTP term). None for a dense model without MTP."""
+def model_losses(model: nn.Module, output: ModelOutput | None, targets: torch.Tensor | None
+                 ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+    """What the model itself adds to any objective's loss, from that objective's training forward
+    `output`: its MoE balance loss, and mtp_loss_weight * the multi-token loss against `targets` (the
+    forward's next tokens; objectives without them, like classification, get no MTP term). None for
+    a dense model without MTP."""
+    if output is None:
+        return None, {}
     transformer = getattr(model, "backbone", model)  # a classifier trains its backbone Transformer
-    if targets is None:
-        targets = torch.zeros(1, 0, dtype=torch.long)  # no next tokens: no MTP depth has anything to predict
-    balance, mtp_logits = transformer.auxiliary_losses(targets)
     terms, logs = [], {}
-    if balance is not None:
-        terms.append(balance)
-        logs["moe_aux_loss"] = balance.detach()
-    if mtp_logits:
-        mtp = multi_token_loss(mtp_logits, targets)
+    if output.aux_loss is not None:
+        terms.append(output.aux_loss)
+        logs["moe_aux_loss"] = output.aux_loss.detach()
+    if output.mtp_logits and targets is not None:
+        mtp = multi_token_loss(output.mtp_logits, targets)
         terms.append(transformer.cfg.mtp_loss_weight * mtp)
         logs["mtp_loss"] = mtp.detach()
     return (sum(terms) if terms else None), logs
@@ -225,6 +227,7 @@ class Loop:
         # 1) batch
         examples = self.data.take(cfg.batch_size * cfg.grad_accum)
         sums: dict[str, Any] = {}
+        loads: list[ExpertLoad | None] = []  # per micro-step, for the router's bias update
         tokens = torch.zeros((), dtype=torch.long, device=dist.device)
         for m in range(cfg.grad_accum):
             part = examples[m * cfg.batch_size + dist.rank : (m + 1) * cfg.batch_size : dist.world]
@@ -234,19 +237,21 @@ class Loop:
             with contextlib.nullcontext() if syncing else self.forward_model.no_sync():
                 # 2) forward: the objective's loss and the model's own terms
                 with self.precision.autocast():
-                    loss, logs = self.objective.loss(self.forward_model, batch)
-                    extra, extra_logs = model_losses(self.model, batch.get("targets"))
+                    step = self.objective.loss(self.forward_model, batch)
+                    extra, extra_logs = model_losses(self.model, step.forward, step.targets)
                 # 3) backward
-                self.scaler.scale((loss if extra is None else loss + extra) / cfg.grad_accum).backward()
-            for k, v in {"loss": loss.detach(), **logs, **extra_logs}.items():
+                self.scaler.scale((step.loss if extra is None else step.loss + extra) / cfg.grad_accum).backward()
+            loads.append(step.forward.expert_load if step.forward is not None else None)
+            for k, v in {"loss": step.loss.detach(), **step.logs, **extra_logs}.items():
                 sums[k] = sums.get(k, 0.0) + v / cfg.grad_accum
+            del step  # the logits need not outlive their micro-step
         # 4) update
         self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.clip if cfg.clip else float("inf"))
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        moe_stats = balance_step(self.model)  # auxiliary-loss-free bias update from this step's expert load
+        moe_stats = balance_step(self.model, loads)  # auxiliary-loss-free bias update from this step's expert load
         means = dist.mean(torch.stack([torch.as_tensor(v, dtype=torch.float32, device=dist.device) for v in sums.values()]))
         return {**dict(zip(sums, means.tolist())), "grad_norm": grad_norm.item(), **moe_stats}, int(dist.sum(tokens))
 

@@ -4,7 +4,8 @@ The one training loop (`slmkit.train.loop`) asks every objective the same things
 
     name, metric, higher_is_better       what validation reports and early stopping watches
     collate(examples) -> batch           tensors for one micro-batch; "targets" holds next tokens, if any
-    loss(model, batch) -> (loss, logs)   the training loss and the floats to log beside it
+    loss(model, batch) -> StepLoss       the training loss, the floats to log beside it, and the
+                                         training forward whose MoE/MTP terms the loop adds
     evaluate(model, examples) -> dict    validation metrics, `metric` among them
     state_dict(), load_state_dict(s)     optional: what must survive a resume (MLM's masking RNG)
 
@@ -15,27 +16,12 @@ training). Pretraining objectives follow the model: `causal: true` trains next-t
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, Protocol
-
-import torch
-from torch import nn
-
 from slmkit.config import ModelConfig
 from slmkit.errors import InputError
 from slmkit.tokenizer import Tokenizer
 from slmkit.train.objectives.lm import LanguageModeling
 from slmkit.train.objectives.mlm import MaskedLanguageModeling
-
-
-class Objective(Protocol):
-    name: str
-    metric: str
-    higher_is_better: bool
-
-    def collate(self, examples: Sequence[Any]) -> dict[str, torch.Tensor]: ...
-    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]: ...
-    def evaluate(self, model: nn.Module, examples: Sequence[Any]) -> dict[str, float]: ...
+from slmkit.train.objectives.protocol import Objective, StepLoss
 
 
 def objective_for(cfg: ModelConfig, tokenizer: Tokenizer, seed: int, eval_batch_size: int = 8) -> LanguageModeling | MaskedLanguageModeling:
@@ -47,4 +33,4 @@ def objective_for(cfg: ModelConfig, tokenizer: Tokenizer, seed: int, eval_batch_
     return MaskedLanguageModeling(mask_id=tokenizer.pad_id, vocab_size=tokenizer.vocab_size, seed=seed, eval_batch_size=eval_batch_size)
 
 
-__all__ = ["LanguageModeling", "MaskedLanguageModeling", "Objective", "objective_for"]
+__all__ = ["LanguageModeling", "MaskedLanguageModeling", "Objective", "StepLoss", "objective_for"]

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from slmkit.model.classifier import SequenceClassifier, encode_texts
 from slmkit.tokenizer import Tokenizer
+from slmkit.train.objectives.protocol import StepLoss
 
 
 @dataclass
@@ -64,12 +65,13 @@ class Classification:
         ids, mask = encode_texts(self.tokenizer, [e.text for e in examples], self.max_len)
         return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([e.label for e in examples])}
 
-    def loss(self, model: SequenceClassifier, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        logits = model(batch["input_ids"], batch["attention_mask"]).float()
+    def loss(self, model: SequenceClassifier, batch: dict[str, torch.Tensor]) -> StepLoss:
+        logits, output = model(batch["input_ids"], batch["attention_mask"], return_output=True)
+        logits = logits.float()
         weight = self.class_weights.to(logits.device) if self.class_weights is not None else None
         loss = F.cross_entropy(logits, batch["labels"], weight=weight)
         accuracy = (logits.argmax(-1) == batch["labels"]).float().mean().item()
-        return loss, {"accuracy": accuracy}
+        return StepLoss(loss, {"accuracy": accuracy}, output)  # no next tokens: no MTP term
 
     @torch.no_grad()
     def predict(self, model: SequenceClassifier, examples: Sequence[ClassificationExample]) -> list[int]:

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from slmkit.errors import InputError
+from slmkit.train.objectives.protocol import StepLoss
 
 
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor,
@@ -52,11 +53,12 @@ class Distillation:
     def collate(self, windows: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
         return {"input_ids": torch.stack([w[0] for w in windows]), "targets": torch.stack([w[1] for w in windows])}
 
-    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> StepLoss:
         with torch.no_grad():
             teacher = self.teacher(batch["input_ids"])
-        total, kl, ce = distillation_loss(model(batch["input_ids"]), teacher, batch["targets"], self.temperature, self.alpha)
-        return total, {"kl": kl.item(), "ce": ce.item()}
+        output = model(batch["input_ids"], targets=batch["targets"])
+        total, kl, ce = distillation_loss(output.logits, teacher, batch["targets"], self.temperature, self.alpha)
+        return StepLoss(total, {"kl": kl.item(), "ce": ce.item()}, output, batch["targets"])
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, windows: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:

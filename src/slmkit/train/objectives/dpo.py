@@ -25,6 +25,7 @@ from torch import nn
 from slmkit.errors import InputError
 from slmkit.chat import ChatFormat
 from slmkit.model.lora import adapters_disabled, lora_layers
+from slmkit.train.objectives.protocol import StepLoss
 from slmkit.train.objectives.sft import (
     IGNORE,
     SFTExample,
@@ -118,16 +119,20 @@ class DirectPreference:
         with torch.no_grad(), context:
             return sequence_logps(forward(ref, batch), batch["targets"])
 
-    def _rewards(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        reference = self._reference_logps(model, batch)  # first, so the policy's is the model's last training forward
-        policy = sequence_logps(forward(model, batch), batch["targets"])
-        rewards = self.beta * (policy - reference.to(policy.device))
+    def _rewards(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """Rewards of the chosen and the rejected answers, and the policy's forward (a `ModelOutput`
+        in training, whose MoE/MTP terms the loop adds; None in evaluation)."""
+        reference = self._reference_logps(model, batch)
+        output = forward(model, batch, targets=batch["targets"]) if model.training else None
+        logits = output.logits if output is not None else forward(model, batch)
+        rewards = self.beta * (sequence_logps(logits, batch["targets"]) - reference.to(logits.device))
         n = rewards.shape[0] // 2
-        return rewards[:n], rewards[n:]
+        return rewards[:n], rewards[n:], output
 
-    def loss(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
-        chosen, rejected = self._rewards(model, batch)
-        return preference_loss(chosen, rejected), _reward_stats(chosen.detach(), rejected.detach())
+    def loss(self, model: nn.Module, batch: dict[str, Any]) -> StepLoss:
+        chosen, rejected, output = self._rewards(model, batch)
+        return StepLoss(preference_loss(chosen, rejected), _reward_stats(chosen.detach(), rejected.detach()), output,
+                        batch["targets"])
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, examples: Sequence[PreferenceExample]) -> dict[str, float]:
@@ -136,7 +141,7 @@ class DirectPreference:
         chosen, rejected = [], []
         for i in range(0, len(examples), self.eval_batch_size):
             batch = {k: v.to(device) for k, v in self.collate(examples[i : i + self.eval_batch_size]).items()}
-            c, r = self._rewards(model, batch)
+            c, r, _ = self._rewards(model, batch)
             chosen.append(c)
             rejected.append(r)
         c, r = torch.cat(chosen), torch.cat(rejected)

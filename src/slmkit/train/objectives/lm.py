@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slmkit.train.objectives.protocol import StepLoss
+
 IGNORE = -100
 Window = tuple[torch.Tensor, torch.Tensor]  # (inputs, targets) of one row
 
@@ -53,8 +55,9 @@ class LanguageModeling:
     def collate(self, windows: Sequence[Window]) -> dict[str, torch.Tensor]:
         return collate_windows(windows)
 
-    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        return next_token_loss(model(batch["input_ids"]), batch["targets"]), {}
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> StepLoss:
+        output = model(batch["input_ids"], targets=batch["targets"])
+        return StepLoss(next_token_loss(output.logits, batch["targets"]), {}, output, batch["targets"])
 
     def evaluate(self, model: nn.Module, windows: Sequence[Window]) -> dict[str, float]:
         n = self.eval_batch_size

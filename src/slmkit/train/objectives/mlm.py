@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from slmkit.train.objectives.lm import IGNORE, Window, collate_windows, mean_token_loss, next_token_loss
+from slmkit.train.objectives.protocol import StepLoss
 
 
 class MaskedLanguageModeling:
@@ -42,8 +43,9 @@ class MaskedLanguageModeling:
     def collate(self, windows: Sequence[Window]) -> dict[str, torch.Tensor]:
         return collate_windows(windows)
 
-    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        return next_token_loss(model(batch["input_ids"]), batch["targets"]), {}
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> StepLoss:
+        output = model(batch["input_ids"], targets=batch["targets"])
+        return StepLoss(next_token_loss(output.logits, batch["targets"]), {}, output)  # masked targets: no MTP term
 
     def evaluate(self, model: nn.Module, windows: Sequence[Window]) -> dict[str, float]:
         """Loss on the masked positions of unmasked validation windows, with fixed masks."""

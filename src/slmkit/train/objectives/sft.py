@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from slmkit.errors import InputError
 from slmkit.chat import ChatFormat
 from slmkit.model.transformer import Transformer
+from slmkit.train.objectives.protocol import StepLoss
 
 IGNORE = -100
 
@@ -83,11 +84,12 @@ def pack_batch(examples: Sequence[SFTExample], width: int, pad_id: int) -> dict[
     return {"input_ids": inputs, "targets": targets, "positions": positions}
 
 
-def forward(model: Transformer, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def forward(model: Transformer, batch: dict[str, torch.Tensor], **kwargs: Any) -> Any:
+    """The model on a padded or packed batch: logits, or with `targets=` the whole `ModelOutput`."""
     if "positions" in batch:
-        return model(batch["input_ids"], positions=batch["positions"])
+        return model(batch["input_ids"], positions=batch["positions"], **kwargs)
     mask = batch["attention_mask"]
-    return model(batch["input_ids"], None if bool(mask.all()) else mask)
+    return model(batch["input_ids"], None if bool(mask.all()) else mask, **kwargs)
 
 
 class SupervisedFineTuning:
@@ -112,9 +114,10 @@ class SupervisedFineTuning:
     def collate(self, examples: Sequence[SFTExample]) -> dict[str, torch.Tensor]:
         return pack_batch(examples, self.max_len, self.pad_id) if self.pack else pad_batch(examples, self.pad_id)
 
-    def loss(self, model: Transformer, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        logits = forward(model, batch)
-        return F.cross_entropy(logits.float().flatten(0, 1), batch["targets"].flatten(), ignore_index=IGNORE), {}
+    def loss(self, model: Transformer, batch: dict[str, torch.Tensor]) -> StepLoss:
+        output = forward(model, batch, targets=batch["targets"])
+        loss = F.cross_entropy(output.logits.float().flatten(0, 1), batch["targets"].flatten(), ignore_index=IGNORE)
+        return StepLoss(loss, {}, output, batch["targets"])
 
     @torch.no_grad()
     def evaluate(self, model: Transformer, examples: Sequence[SFTExample]) -> dict[str, float]:

@@ -1,4 +1,4 @@
-"""Many LoRA adapters on one base model, chosen per row of a batch.
+"""Multi-LoRA serving: many LoRA adapters on one base model, chosen per row of a batch.
 
 Adapter directory (`MODEL_DIR/adapters/NAME/`):
 
@@ -16,8 +16,10 @@ model (all-zero A and B), so one batch may mix adapters and the base.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -77,8 +79,8 @@ class MultiLoRALinear(nn.Module):
 
 
 class MultiLoRA:
-    """Attach adapters {name: directory} to `model` in place; `select(names)` sets the adapter of
-    each batch row (None = the base model) before a forward pass."""
+    """Attach adapters {name: directory} to `model` in place; `selected(names)` sets the adapter of
+    each batch row (None = the base model) for one forward pass."""
 
     def __init__(self, model: Transformer, adapters: dict[str, str | os.PathLike]) -> None:
         self.names = [None, *adapters]
@@ -111,5 +113,12 @@ class MultiLoRA:
             raise InputError(f"unknown adapter {name!r}; loaded: {', '.join(n for n in self.names if n) or 'none'}")
         return self.names.index(name)
 
-    def select(self, names: list[str | None]) -> None:
+    @contextlib.contextmanager
+    def selected(self, names: list[str | None]) -> Iterator[None]:
+        """Rows use these adapters inside the block and the base model after it, so that what
+        runs between passes (drafters sharing the modules, embedding passes) sees the base."""
         self.rows = torch.tensor([self.index(n) for n in names], dtype=torch.long, device=self.device)
+        try:
+            yield
+        finally:
+            self.rows = None

@@ -1,0 +1,61 @@
+"""One forward pass of the model over a scheduled batch, on the paged KV pool it owns."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from slmkit.model.transformer import Transformer
+from slmkit.serve.adapters import MultiLoRA
+from slmkit.serve.kv_pages import KVPool, PagedBatch
+from slmkit.serve.scheduler import Scheduled
+
+
+@dataclass
+class StepResult:
+    logits: torch.Tensor | None  # [P, vocab] fp32 where tokens are chosen (see `ModelRunner.run`); None: none are
+    last_hidden: torch.Tensor  # [B, T, d] before the final norm, row b for batch[b]'s fed tokens (MTP drafting)
+
+
+class ModelRunner:
+    """Builds a step's inputs (padded token ids, the `PagedBatch` cache view, each row's adapter),
+    runs the model and computes logits only where a token is chosen."""
+
+    def __init__(self, model: Transformer, num_blocks: int, block_size: int, adapters: MultiLoRA | None = None) -> None:
+        self.model, self.adapters = model, adapters
+        p = model.embed_tokens.weight
+        self.device = p.device
+        self.pool = KVPool(model.cfg, num_blocks, block_size, p.device, p.dtype)
+
+    @torch.inference_mode()
+    def run(self, batch: list[Scheduled]) -> StepResult:
+        """Logits rows, in batch order, for each sequence whose step `samples`: its last fed token,
+        then each of its drafts (the token after each)."""
+        # 1) inputs: one row per sequence, right-padded; the cache view places each row at its length
+        width = max(len(item.tokens) for item in batch)
+        ids = torch.zeros(len(batch), width, dtype=torch.long)
+        for row, item in enumerate(batch):
+            ids[row, : len(item.tokens)] = torch.tensor(item.tokens)
+        cache = PagedBatch(self.pool, [item.seq.blocks for item in batch], [item.start for item in batch],
+                           [len(item.tokens) for item in batch])
+        # 2) the forward pass, each row with its adapter
+        names = [item.seq.request.adapter for item in batch]
+        with self.adapters.selected(names) if self.adapters is not None else contextlib.nullcontext():
+            out = self.model.forward_hidden(ids.to(self.device), cache=cache, positions=cache.positions)
+        # 3) the head only where a token is chosen: the output projection is the largest matmul
+        picks = [(row, len(item.tokens) - 1 - len(item.drafts) + j)
+                 for row, item in enumerate(batch) if item.samples for j in range(len(item.drafts) + 1)]
+        hidden = out.hidden[[r for r, _ in picks], [c for _, c in picks]]
+        return StepResult(self.model.head(hidden).float() if picks else None, out.last_hidden)
+
+    @torch.inference_mode()
+    def embed(self, prompts: Sequence[list[int]]) -> list[list[float]]:
+        """Mean-pooled final hidden states of the base model, one vector per prompt."""
+        vectors = []
+        for prompt in prompts:
+            hidden = self.model.forward_hidden(torch.tensor([prompt], device=self.device)).hidden[0]
+            vectors.append(hidden.float().mean(dim=0).tolist())
+        return vectors
