@@ -267,7 +267,7 @@ def test_tinyshakespeare_gets_a_validation_split(tmp_path):
 def test_pretrain_finds_the_tokenizer_in_the_data_directory(tmp_path, capsys):
     from slmkit.cli import main
     from slmkit.tokenizer import Tokenizer, train_bpe
-    from slmkit.train.config import TrainConfig
+    from slmkit.train.recipe import TrainConfig
     from slmkit.train.setup import load_tokenizer
 
     text = long_text(2000)  # one document of about 70,000 characters

@@ -1,4 +1,11 @@
-"""Model directories (see DESIGN.md): config.json, model.safetensors, tokenizer files, generation.json."""
+"""Model directories, the format every stage reads and writes:
+
+    config.json          ModelConfig (every architecture field) + "slmkit_version"
+    model.safetensors    weights
+    tokenizer.json       HF tokenizers format (+ tokenizer_config.json with the chat template)
+    generation.json      default sampling settings, stop tokens, chat template name
+    adapters/NAME/       LoRA adapters, optional
+"""
 
 from __future__ import annotations
 
