@@ -45,6 +45,17 @@ FAMILIES = {  # name: (config class, options, tokenizer layout)
     "gemma": ("GemmaConfig", dict(SIZES, head_dim=16), "llama3"),
     "gemma2": ("Gemma2Config", dict(SIZES, head_dim=16, sliding_window=8, query_pre_attn_scalar=24,
                                     attn_logit_softcapping=5.0, final_logit_softcapping=3.0), "llama3"),
+    # seven layers: five sliding-window ones, a global one, a sliding one again; each kind its own RoPE base
+    "gemma3": ("Gemma3TextConfig", dict(SIZES, num_hidden_layers=7, head_dim=16, sliding_window=6, query_pre_attn_scalar=24,
+                                        rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                                                         "sliding_attention": {"rope_type": "default", "rope_theta": 10.0}}),
+               "llama3"),
+    # the final soft-cap applies; the attention one Gemma 3 leaves unused (so does slmkit), and llama3 RoPE scaling
+    "gemma3-softcaps": ("Gemma3TextConfig", dict(SIZES, head_dim=16, sliding_window=8, attn_logit_softcapping=5.0,
+                                                 final_logit_softcapping=3.0, layer_types=["sliding_attention", "full_attention"],
+                                                 rope_parameters={"full_attention": LLAMA3_ROPE,
+                                                                  "sliding_attention": {"rope_type": "default", "rope_theta": 100.0}}),
+                        "llama3"),
     "phi3": ("Phi3Config", dict(SIZES, pad_token_id=0, eos_token_id=1), "llama3"),
     "mixtral": ("MixtralConfig", dict(SIZES, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2), "llama3"),
     "qwen3_moe": ("Qwen3MoeConfig", dict(SIZES, head_dim=32, moe_intermediate_size=32, num_local_experts=8,

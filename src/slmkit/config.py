@@ -40,6 +40,7 @@ class ModelConfig:
     pos: str = "rope"  # learned | sinusoidal | rope | alibi | none
     rope_theta: float = 10000.0
     rope_scaling: dict[str, Any] | None = None  # {"type": "linear"|"llama3", "factor": ..., ...}
+    rope_local_theta: float | None = None  # RoPE base of the sliding-window layers, unscaled (Gemma 3); None: as the others
     # details
     attn_bias: bool = False
     mlp_bias: bool = False

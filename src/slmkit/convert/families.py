@@ -158,7 +158,7 @@ _DECODER_FIXED = {
     "norm": "rmsnorm", "norm_plus_one": False, "mlp": "swiglu", "pos": "rope", "causal": True, "embed_scale": False, "qk_norm": False,
     "logit_softcap": None, "attn_softcap": None, "attn_scale": None, "output_norms": False, "lm_head_bias": False,
     "attn_bias": False, "attn_out_bias": False, "mlp_bias": False, "sliding_window": None, "sliding_window_layers": None,
-    "attention_kind": "mha", "ffn_kind": "dense",
+    "attention_kind": "mha", "ffn_kind": "dense", "rope_local_theta": None,
 }
 
 
@@ -299,6 +299,32 @@ def _gemma2_write(cfg):
         "attn_logit_softcapping": cfg.attn_softcap,
         "final_logit_softcapping": cfg.logit_softcap,
     }
+
+
+def _gemma3_read(hf):
+    """Gemma 2's layout plus QK-norm, five sliding-window layers to each global one, and two RoPE
+    bases: the global layers' `rope_theta` (with any scaling), the local layers' own, unscaled.
+    `attn_logit_softcapping` is read and left off: Gemma 3 (transformers, llama.cpp) does not apply it."""
+    params = hf.get("rope_parameters") or {}
+    if "full_attention" in params:  # transformers 5: one set of RoPE parameters per layer type
+        rope = _rope_read({"rope_parameters": params["full_attention"]})
+        local = dict(params.get("sliding_attention") or {"rope_theta": 10000.0})
+    else:
+        rope = _rope_read({"rope_theta": hf.get("rope_theta", 1e6), "rope_scaling": hf.get("rope_scaling")})
+        local = {"rope_theta": hf.get("rope_local_base_freq", 10000.0)}
+    kind = local.pop("rope_type", local.pop("type", "default"))
+    if kind != "default" or set(local) - {"rope_theta"}:
+        raise InputError(f"gemma3 with {kind!r} RoPE on its sliding-window layers is not supported (only 'default')")
+    pattern = hf.get("sliding_window_pattern", hf.get("_sliding_window_pattern", 6))  # used when layer_types is absent
+    return {**_gemma2_read(hf), **_window_read(hf, lambda i: (i + 1) % pattern != 0), **rope,
+            "rope_local_theta": float(local.get("rope_theta", 10000.0)), "attn_softcap": None}
+
+
+def _gemma3_write(cfg):
+    full = _rope_write(cfg)["rope_parameters"]
+    local = full if cfg.rope_local_theta is None else {"rope_type": "default", "rope_theta": cfg.rope_local_theta}
+    return {**_gemma2_write(cfg), "rope_parameters": {"full_attention": full, "sliding_attention": local},
+            "attn_logit_softcapping": None}
 
 
 def _integral(x: float) -> int | float:
@@ -510,6 +536,13 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
                   norm_plus_one=True, embed_scale=True, mlp="geglu", output_norms=True),
            _gemma2_read, _gemma2_write,
            _GEMMA_KEYS | {"sliding_window", "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping"},
+           lambda cfg: _decoder_tensors(cfg, rename=_GEMMA2_NORMS), _same_attn_bias),
+    Family("gemma3_text", "Gemma3ForCausalLM",
+           _fixed(drop=(*_ATTN_BIAS, *_SLIDING, "attn_scale", "logit_softcap", "rope_local_theta"),
+                  norm_plus_one=True, embed_scale=True, mlp="geglu", output_norms=True, qk_norm=True),
+           _gemma3_read, _gemma3_write,
+           _GEMMA_KEYS | {"sliding_window", "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping",
+                          "rope_local_base_freq", "sliding_window_pattern", "_sliding_window_pattern"},
            lambda cfg: _decoder_tensors(cfg, rename=_GEMMA2_NORMS), _same_attn_bias),
     Family("mixtral", "MixtralForCausalLM", _fixed(drop=("sliding_window",), **_ROUTED, router_score="softmax", norm_topk_prob=True,
                   first_k_dense=0),

@@ -173,8 +173,9 @@ class Positions(nn.Module):
     def embed(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return x
 
-    def rotation(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(cos, sin) tables for `apply_rotary`, computed once per forward and shared by all layers."""
+    def rotation(self, positions: torch.Tensor, local: bool = False) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(cos, sin) tables for `apply_rotary`, computed once per forward and shared by all layers
+        (`local`: by the sliding-window layers, where those rotate by their own base)."""
         return None
 
     def score_bias(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor | None:
@@ -204,11 +205,13 @@ class SinusoidalPositions(Positions):
         return x + self.table[positions].to(x.dtype)
 
 
-def rope_frequencies(cfg: ModelConfig) -> torch.Tensor:
-    """Inverse frequencies of RoPE, with linear or Llama-3 scaling for longer contexts."""
+def rope_frequencies(cfg: ModelConfig, local: bool = False) -> torch.Tensor:
+    """Inverse frequencies of RoPE, with linear or Llama-3 scaling for longer contexts; `local`: those
+    of the sliding-window layers of a model that gives them their own base (unscaled, as Gemma 3's)."""
     dim = cfg.rope_dim or cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
-    scaling = cfg.rope_scaling or {}
+    theta = cfg.rope_local_theta if local else cfg.rope_theta
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    scaling = {} if local else cfg.rope_scaling or {}
     kind = scaling.get("type", scaling.get("rope_type"))
     if kind == "linear":
         inv_freq = inv_freq / scaling["factor"]
@@ -231,9 +234,12 @@ class RotaryPositions(Positions):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.register_buffer("inv_freq", rope_frequencies(cfg), persistent=False)
+        if cfg.rope_local_theta is not None:
+            self.register_buffer("local_inv_freq", rope_frequencies(cfg, local=True), persistent=False)
 
-    def rotation(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        angles = positions[..., None].float() * self.inv_freq  # [B, T, d/2]
+    def rotation(self, positions: torch.Tensor, local: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        inv_freq = self.local_inv_freq if local else self.inv_freq
+        angles = positions[..., None].float() * inv_freq  # [B, T, d/2]
         cos, sin = angles.cos(), angles.sin()
         # [B, 1, T, d]: the first half of each pair turns by -sin, the second by +sin
         return torch.cat([cos, cos], dim=-1)[:, None], torch.cat([-sin, sin], dim=-1)[:, None]

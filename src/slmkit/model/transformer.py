@@ -187,10 +187,14 @@ class Transformer(nn.Module):
             allowed = mask if mask is not None else self._causal(t, total, input_ids.device)
             mask = bias.masked_fill(~allowed, float("-inf")) if allowed is not None else bias
         rotation = self.pos.rotation(positions)
-        window_mask = self._window(mask, positions, k_positions, t, total) if cfg.sliding_window else None
+        window_mask, local_rotation = None, rotation
+        if cfg.sliding_window:  # the sliding-window layers: a narrower mask, and their own RoPE base (Gemma 3)
+            window_mask = self._window(mask, positions, k_positions, t, total)
+            if cfg.rope_local_theta is not None:
+                local_rotation = self.pos.rotation(positions, local=True)
         router: list[RouterStats] = []
         for block in self.layers:
-            x, stats = block(x, rotation, window_mask if block.sliding else mask, cache)
+            x, stats = block(x, local_rotation if block.sliding else rotation, window_mask if block.sliding else mask, cache)
             if stats is not None:
                 router.append(stats)
         if cache is not None:
