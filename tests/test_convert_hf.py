@@ -61,6 +61,11 @@ FAMILIES = {  # name: (config class, options, tokenizer layout)
     "qwen3_moe": ("Qwen3MoeConfig", dict(SIZES, head_dim=32, moe_intermediate_size=32, num_local_experts=8,
                                          num_experts_per_tok=3, norm_topk_prob=False, mlp_only_layers=[0]), "qwen2"),
     "deepseek_v3": ("DeepseekV3Config", dict(DEEPSEEK, rope_interleave=False), "llama3"),
+    # the defaults of a real checkpoint (interleaved RoPE rows, 8 expert groups, 3 dense layers, ...) at toy sizes
+    "deepseek_v3-defaults": ("DeepseekV3Config", dict(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                                                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
+                                                      q_lora_rank=24, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
+                                                      v_head_dim=12, moe_intermediate_size=32, n_routed_experts=16), "llama3"),
 }
 TEXTS = BUILTIN + ["  multiple   spaces\n\n\n and\ttabs  ", "emoji 🤖🚀 and accents café naïve Ελληνικά", ""]
 TEMPLATE = (

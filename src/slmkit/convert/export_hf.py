@@ -44,7 +44,7 @@ def to_hf(model_dir: str | os.PathLike, out: str | os.PathLike, family: str | No
     ids = _token_ids(tokenizer, generation_defaults(model_dir))
     hf_config = {"architectures": [fam.architecture], "model_type": fam.name, **fam.write(cfg), **ids,
                  "dtype": str(model.embed_tokens.weight.dtype).removeprefix("torch.")}
-    tensors = fam.tensors(cfg)
+    tensors = fam.checkpoint_tensors(cfg, hf_config)
     with atomic_dir(out, force=force) as tmp:
         save_file(export_tensors(model.state_dict(), tensors), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         write_json(tmp / "config.json", hf_config)

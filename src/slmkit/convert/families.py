@@ -9,11 +9,14 @@ Adding a family is adding one `Family` to `FAMILIES`.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
 
 from slmkit.config import ModelConfig
 from slmkit.errors import InputError
+
+if TYPE_CHECKING:
+    import torch
 
 # HF config keys that never change the computation of a causal LM's logits.
 HARMLESS_KEYS = frozenset({
@@ -31,13 +34,36 @@ ROPE_TYPES = ("default", "linear", "llama3")
 
 
 @dataclass(frozen=True)
+class InterleavedRope:
+    """Rows in blocks of `block` (one block per head) whose last `rope` rows make RoPE dimensions:
+    HF stores them as adjacent pairs (2i, 2i + 1) (DeepSeek's `rope_interleave`), slmkit rotates
+    the halves (i, i + rope/2). Keys and queries are reordered alike, so their products are unchanged."""
+
+    block: int
+    rope: int
+
+    def to_ours(self, w: torch.Tensor) -> torch.Tensor:
+        return self._reorder(w, [*range(0, self.rope, 2), *range(1, self.rope, 2)])
+
+    def to_hf(self, w: torch.Tensor) -> torch.Tensor:
+        half = self.rope // 2
+        return self._reorder(w, [i // 2 + half * (i % 2) for i in range(self.rope)])
+
+    def _reorder(self, w: torch.Tensor, order: list[int]) -> torch.Tensor:
+        blocks = w.reshape(-1, self.block, *w.shape[1:]).clone()
+        blocks[:, self.block - self.rope:] = blocks[:, self.block - self.rope:][:, order]
+        return blocks.reshape(w.shape)
+
+
+@dataclass(frozen=True)
 class Tensor:
     """One HF tensor = slmkit tensors `ours` concatenated along dim 0, transposed when `transpose`
-    (GPT-2's Conv1D stores [in, out])."""
+    (GPT-2's Conv1D stores [in, out]), with its rows reordered when `rows` says HF orders them otherwise."""
 
     hf: str
     ours: tuple[str, ...]
     transpose: bool = False
+    rows: InterleavedRope | None = None
 
 
 @dataclass(frozen=True)
@@ -51,11 +77,18 @@ class Family:
     tensors: Callable[[ModelConfig], list[Tensor]]
     check: Callable[[ModelConfig], list[str]] = lambda cfg: []  # constraints between fields
     zero: tuple[str, ...] = ()  # suffixes of slmkit buffers the family has no tensor for: they must stay zero
+    # HF tensor name -> its row order, for a checkpoint with this config.json (DeepSeek's interleaved RoPE)
+    row_orders: Callable[[ModelConfig, dict[str, Any]], dict[str, InterleavedRope]] = lambda cfg, hf: {}
 
     def blockers(self, cfg: ModelConfig) -> list[str]:
         """Why `cfg` cannot be written as this family (empty when it can)."""
         out = [f"{k}={getattr(cfg, k)!r} (needs {v!r})" for k, v in self.fixed.items() if getattr(cfg, k) != v]
         return out + self.check(cfg)
+
+    def checkpoint_tensors(self, cfg: ModelConfig, hf_config: dict[str, Any]) -> list[Tensor]:
+        """`tensors(cfg)` as laid out in a checkpoint whose config.json is `hf_config`."""
+        orders = self.row_orders(cfg, hf_config)
+        return [replace(t, rows=orders[t.hf]) if t.hf in orders else t for t in self.tensors(cfg)]
 
 
 # ---------------------------------------------------------------------------------- config pieces
@@ -372,15 +405,13 @@ def _qwen3_moe_write(cfg):
 
 
 # DeepSeek-V3 config keys whose other values change the math; each is refused unless it has this value.
-_DEEPSEEK_ONLY = {"scoring_func": "sigmoid", "topk_method": "noaux_tc", "moe_layer_freq": 1, "attention_bias": False,
-                  "rope_interleave": False}
+_DEEPSEEK_ONLY = {"scoring_func": "sigmoid", "topk_method": "noaux_tc", "moe_layer_freq": 1, "attention_bias": False}
 
 
 def _deepseek_v3_read(hf):
     for key, value in _DEEPSEEK_ONLY.items():
-        default = True if key == "rope_interleave" else value  # transformers interleaves RoPE unless told not to
-        if hf.get(key, default) != value:
-            raise InputError(f"deepseek_v3 with {key}={hf.get(key, default)!r} is not supported (only {value!r})")
+        if hf.get(key, value) != value:
+            raise InputError(f"deepseek_v3 with {key}={hf[key]!r} is not supported (only {value!r})")
     if not hf.get("n_shared_experts"):
         raise InputError("deepseek_v3 without shared experts (n_shared_experts=0) is not supported")
     return {
@@ -400,12 +431,25 @@ def _deepseek_v3_write(cfg):
     return {
         **_decoder_write(cfg), "num_key_value_heads": cfg.n_heads, "head_dim": cfg.qk_rope_head_dim,
         "q_lora_rank": cfg.q_lora_rank, "kv_lora_rank": cfg.kv_lora_rank, "qk_nope_head_dim": cfg.qk_nope_head_dim,
-        "qk_rope_head_dim": cfg.qk_rope_head_dim, "v_head_dim": cfg.v_head_dim, "rope_interleave": False,
+        "qk_rope_head_dim": cfg.qk_rope_head_dim, "v_head_dim": cfg.v_head_dim, "rope_interleave": True,
         "moe_intermediate_size": cfg.moe_ffn_hidden, "n_routed_experts": cfg.n_experts,
         "num_experts_per_tok": cfg.n_experts_per_tok, "n_shared_experts": cfg.n_shared_experts,
         "first_k_dense_replace": cfg.first_k_dense, "n_group": cfg.n_expert_groups, "topk_group": cfg.topk_groups,
         "routed_scaling_factor": cfg.routed_scaling, "norm_topk_prob": cfg.norm_topk_prob, "num_nextn_predict_layers": 0,
     }
+
+
+def _deepseek_v3_row_orders(cfg: ModelConfig, hf: dict[str, Any]) -> dict[str, InterleavedRope]:
+    """DeepSeek checkpoints keep the RoPE dims of each query head and of the shared key as adjacent
+    pairs (`rope_interleave`, true unless the config says otherwise, as transformers reads it)."""
+    if not hf.get("rope_interleave", True):
+        return {}
+    rope, query = cfg.qk_rope_head_dim, "q_b_proj" if cfg.q_lora_rank else "q_proj"
+    out = {}
+    for i in range(cfg.n_layers):
+        out[f"model.layers.{i}.self_attn.{query}.weight"] = InterleavedRope(cfg.qk_nope_head_dim + rope, rope)
+        out[f"model.layers.{i}.self_attn.kv_a_proj_with_mqa.weight"] = InterleavedRope(cfg.kv_lora_rank + rope, rope)
+    return out
 
 
 def _deepseek_v3_check(cfg: ModelConfig) -> list[str]:
@@ -559,11 +603,11 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            _fixed(attention_kind="mla", ffn_kind="moe", router_score="sigmoid", capacity_factor=None),
            _deepseek_v3_read, _deepseek_v3_write,
            DECODER_KEYS | set(_DEEPSEEK_ONLY) | {
-               "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "qk_head_dim",
+               "rope_interleave", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "qk_head_dim",
                "moe_intermediate_size", "n_routed_experts", "num_experts_per_tok", "n_shared_experts",
                "first_k_dense_replace", "n_group", "topk_group", "routed_scaling_factor", "norm_topk_prob",
                "num_nextn_predict_layers", *_ROUTER_TRAINING_KEYS},
-           lambda cfg: _decoder_tensors(cfg, router_bias=True), _deepseek_v3_check),
+           lambda cfg: _decoder_tensors(cfg, router_bias=True), _deepseek_v3_check, row_orders=_deepseek_v3_row_orders),
     Family("phi3", "Phi3ForCausalLM", _fixed(drop=_SLIDING), _phi3_read, _phi3_write,
            DECODER_KEYS | {"sliding_window"}, lambda cfg: _decoder_tensors(cfg, fuse=_PHI3_FUSED)),
 )}

@@ -45,7 +45,7 @@ def from_hf(
     model = Transformer(cfg)
     shapes = {name: p.shape for name, p in model.state_dict().items()}
     tied = {"lm_head.weight"} if cfg.tie_embeddings else set()
-    state = import_tensors(read_checkpoint(directory), family.tensors(cfg), shapes, ignore=tied)
+    state = import_tensors(read_checkpoint(directory), family.checkpoint_tensors(cfg, hf_config), shapes, ignore=tied)
     missing, _ = model.load_state_dict(state, strict=False)
     missing = {name for name in missing if not name.endswith(family.zero)}  # buffers the family lacks stay zero
     if set(missing) - tied:  # a mapping that forgot a tensor would leave it randomly initialized

@@ -76,6 +76,7 @@ def import_tensors(hf_state: dict[str, torch.Tensor], mapping: list[Tensor], sha
         if tuple(w.shape) != expected:
             raise InputError(f"tensor {name} has shape {tuple(w.shape)}, but config.json implies {expected}")
         w = w.t() if t.transpose else w
+        w = t.rows.to_ours(w) if t.rows else w
         out.update(zip(t.ours, w.split([s[0] for s in parts], dim=0)))
     extra = sorted(n for n in set(hf_state) - used - ignore if not n.endswith(BUFFER_SUFFIXES))
     if extra:
@@ -96,5 +97,6 @@ def export_tensors(state: dict[str, torch.Tensor], mapping: list[Tensor]) -> dic
     out = {}
     for t in mapping:
         w = torch.cat([state[o] for o in t.ours], dim=0) if len(t.ours) > 1 else state[t.ours[0]]
+        w = t.rows.to_hf(w) if t.rows else w
         out[t.hf] = (w.t() if t.transpose else w).contiguous().clone()
     return out
