@@ -362,3 +362,23 @@ def test_continued_pretraining_on_peps_lowers_perplexity(tmp_path: Path, tokeniz
              force=True, progress=False)
     after = perplexity_of_texts(*slmkit.load(tmp_path / "run" / "final"), held_out).perplexity
     assert after < 0.5 * before, (before, after)
+
+
+def test_from_hf_keeps_the_sources_generation_settings_and_warns_in_one_line(tmp_path: Path, tokenizer_dirs, capsys) -> None:
+    from slmkit.cli import main
+
+    save_hf("llama2", tmp_path / "hf", tokenizer_dirs)
+    config_path = tmp_path / "hf" / "config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "_model_name_or_path": "org/model"}))
+    (tmp_path / "hf" / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
+    from_hf(tmp_path / "hf", tmp_path / "plain")  # _model_name_or_path is harmless
+    assert json.loads((tmp_path / "plain" / "generation.json").read_text()) == {"stop_tokens": [2]}
+
+    (tmp_path / "hf" / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 3], "temperature": 0.6, "top_p": 0.9}))
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "attn_temperature_tuning": 4}))
+    capsys.readouterr()
+    assert main(["convert", "from-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "m"), "--allow-unknown-config"]) == 0
+    err = capsys.readouterr().err
+    assert err == ("warning: config.json has keys the llama mapping does not understand and that may change the model's "
+                   "outputs: attn_temperature_tuning\n")
+    assert json.loads((tmp_path / "m" / "generation.json").read_text()) == {"stop_tokens": [2, 3], "temperature": 0.6, "top_p": 0.9}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from typing import Sequence
 
 import slmkit
@@ -33,10 +34,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def print_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as one line on stderr, like errors: no source file, line number or code line."""
+    print(f"warning: {message}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.handler(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = print_warning
+            args.handler(args)
     except SlmkitError as e:
         if getattr(args, "debug", False):
             raise

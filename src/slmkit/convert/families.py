@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 # HF config keys that never change the computation of a causal LM's logits.
 HARMLESS_KEYS = frozenset({
-    "architectures", "model_type", "transformers_version", "torch_dtype", "dtype", "_name_or_path",
+    "architectures", "model_type", "transformers_version", "torch_dtype", "dtype", "_name_or_path", "_model_name_or_path",
     "bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id", "sep_token_id", "decoder_start_token_id",
     "initializer_range", "use_cache", "attention_dropout", "hidden_dropout", "embd_pdrop", "resid_pdrop",
     "attn_pdrop", "summary_activation", "summary_first_dropout", "summary_proj_to_labels", "summary_type",

@@ -21,6 +21,7 @@ from slmkit.tokenizer import Tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "merges.txt", "vocab.json"]
+GENERATION_KEYS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "max_new_tokens")  # same names in both files
 
 
 def from_hf(
@@ -53,7 +54,7 @@ def from_hf(
     model = model.to(DTYPES[dtype]).eval()
     tokenizer = _tokenizer(directory)
     with atomic_dir(out, force=force) as tmp:
-        save_model_dir(model, tmp, tokenizer, generation_settings(directory))
+        save_model_dir(model, tmp, tokenizer, generation_settings(directory), sampling_defaults=False)
     return Path(out)
 
 
@@ -115,12 +116,13 @@ def _tokenizer(directory: Path) -> Tokenizer | None:
 
 
 def generation_settings(directory: Path) -> dict[str, Any]:
-    """generation.json values from HF's generation_config.json: stop tokens and sampling defaults."""
+    """generation.json values from HF's generation_config.json: its stop tokens and whichever
+    sampling settings it gives, nothing invented."""
     path = directory / "generation_config.json"
     if not path.is_file():
         return {}
     hf = json.loads(path.read_text(encoding="utf-8"))
-    out: dict[str, Any] = {k: hf[k] for k in ("temperature", "top_k", "top_p") if hf.get(k) is not None}
+    out: dict[str, Any] = {k: hf[k] for k in GENERATION_KEYS if hf.get(k) is not None}
     eos = hf.get("eos_token_id")
     if eos is not None:
         out["stop_tokens"] = eos if isinstance(eos, list) else [eos]

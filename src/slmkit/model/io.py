@@ -27,6 +27,7 @@ from slmkit.model.transformer import Transformer
 from slmkit.tokenizer import Tokenizer
 
 WEIGHTS = "model.safetensors"
+SAMPLING_DEFAULTS = {"temperature": 0.8, "top_k": 50, "top_p": 0.95, "max_new_tokens": 256}  # for models trained here
 
 
 def save_model_dir(
@@ -35,10 +36,14 @@ def save_model_dir(
     tokenizer: Tokenizer | None = None,
     generation: dict[str, Any] | None = None,
     quantization: dict[str, Any] | None = None,
+    *,
+    sampling_defaults: bool = True,
 ) -> Path:
     """Write a model directory. Callers that must not leave a partial one write into
     `slmkit._io.atomic_dir`. A quantized model passes its `quantization` section (see
-    `slmkit.quant`): config.json records it and the weights file holds its codes and scales."""
+    `slmkit.quant`): config.json records it and the weights file holds its codes and scales.
+    With a tokenizer, generation.json holds the end-of-text stop token and `generation`, over
+    `SAMPLING_DEFAULTS` unless `sampling_defaults` is false (an imported model keeps its own)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config = {**model.cfg.to_dict(), "slmkit_version": __version__}
@@ -49,7 +54,7 @@ def save_model_dir(
     save_safetensors(model, str(directory / WEIGHTS))
     if tokenizer is not None:
         tokenizer.save(directory)
-        defaults = {"temperature": 0.8, "top_k": 50, "top_p": 0.95, "max_new_tokens": 256}
+        defaults = SAMPLING_DEFAULTS if sampling_defaults else {}
         stops = [tokenizer.eot_token] if tokenizer.eot_token else []
         write_json(directory / "generation.json", {**defaults, "stop_tokens": stops, **(generation or {})})
     return directory
