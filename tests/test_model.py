@@ -296,6 +296,23 @@ def test_model_dir_round_trip_gives_identical_logits(tmp_path) -> None:
     assert torch.equal(loaded(x), model(x))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_model_loads_in_its_stored_dtype_unless_told_otherwise(tmp_path, dtype) -> None:
+    from slmkit.model.io import cast_floats
+
+    model = build(small_config())
+    cast_floats(model, dtype)
+    save_model_dir(model, tmp_path / "m")
+    loaded = load_model(tmp_path / "m")
+    assert {p.dtype for p in loaded.parameters()} == {dtype}
+    x = ids(2, 10)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x)) and loaded(x).dtype == dtype
+    as_fp32 = load_model(tmp_path / "m", dtype="float32")
+    assert {p.dtype for p in as_fp32.parameters()} == {torch.float32}
+    assert torch.equal(as_fp32.embed_tokens.weight, model.embed_tokens.weight.float())
+
+
 def test_truncated_weights_are_an_input_error(tmp_path) -> None:
     save_model_dir(build(small_config()), tmp_path / "m")
     weights = tmp_path / "m" / "model.safetensors"

@@ -25,6 +25,7 @@ from slmkit.quant.calibration import calibration_windows
 from slmkit.quant import fp8
 from slmkit.quant.gptq import gptq_quantize
 from slmkit.quant.linear import QuantizedLinear, W8A8Linear
+from slmkit.quant.quantize_dir import held_out_texts
 from slmkit.quant.rtn import dequantize, pack_int4, quantize_rtn, unpack_int4
 from slmkit.quant.smoothquant import activation_maxima, smooth
 from slmkit.quant.targets import BLOCKS, linear_targets
@@ -261,6 +262,19 @@ def test_quantize_writes_a_directory_with_its_quality_report(trained, tmp_path):
     assert report.perplexity_after == data["perplexity_after"]
     assert "| perplexity (held-out) |" in (out / "quant_report.md").read_text()
     assert (out / "tokenizer.json").is_file() and (out / "generation.json").is_file()
+
+
+def test_the_report_scores_a_bounded_budget_in_short_windows(trained, tmp_path, capsys):
+    out, held_out = tmp_path / "int8", trained.parent / "held_out.txt"
+    assert main(["quantize", str(trained), "--method", "int8", "--eval", str(held_out), "--eval-tokens", "300",
+                 "--eval-context", "16", "--out", str(out), "-q"]) == 0
+    data = json.loads((out / "quant_report.json").read_text())
+    model, tokenizer = load(trained)
+    texts = held_out_texts(tokenizer, [held_out], 300)
+    expected = perplexity_of_texts(model, tokenizer, texts, context=16)
+    assert (data["eval_context"], data["eval_tokens"]) == (16, expected.tokens)
+    assert data["perplexity_before"] == pytest.approx(expected.perplexity, rel=1e-6)
+    assert "in windows of 16 tokens" in capsys.readouterr().out
 
 
 def leftovers(parent: Path) -> list[str]:

@@ -228,7 +228,7 @@ def finetune_classify(
     dev = _device(device, dist)
     tokenizer = Tokenizer.load(model_dir)
     torch.manual_seed(cfg.seed)
-    backbone = load_model(model_dir).train()
+    backbone = load_model(model_dir, dtype="float32").train()
     model = SequenceClassifier(backbone, labels, pooling)
     lora = apply_lora(backbone, cfg)
     model.freeze("head" if lora else train_layers)
@@ -345,7 +345,7 @@ def finetune_sft(
     tokenizer = Tokenizer.load(model_dir)
     fmt_ = ChatFormat.from_name(template, tokenizer, model_dir)
     torch.manual_seed(cfg.seed)
-    model = load_model(model_dir).train()
+    model = load_model(model_dir, dtype="float32").train()
     objective = SupervisedFineTuning(fmt_, max_length or model.cfg.context_length, _pad_id(tokenizer), train_on_prompt,
                                      pack=pack)
     train_ex, bad_train = _prepare_each(objective, train_records, skip_bad)
@@ -410,7 +410,7 @@ def finetune_dpo(
     fmt_ = ChatFormat.from_name(template, tokenizer, model_dir)
     dist = setup_distributed()
     dev = _device(device, dist)
-    model = load_model(model_dir).to(dev).train()
+    model = load_model(model_dir, dtype="float32").to(dev).train()
     objective = DirectPreference(fmt_, max_length or model.cfg.context_length, _pad_id(tokenizer), beta)
     train_ex, bad_train = _prepare_each(objective, train_records, skip_bad)
     val_ex, bad_val = _prepare_each(objective, val_records, skip_bad)
@@ -483,7 +483,7 @@ def finetune_distill(
     teacher = load_model(teacher_dir).to(dev)
     torch.manual_seed(cfg.seed)
     if student_dir is not None:
-        student = load_model(student_dir)
+        student = load_model(student_dir, dtype="float32")
     else:
         overrides = {"vocab_size": teacher.cfg.vocab_size, **(student_overrides or {})}
         student = Transformer(ModelConfig.from_preset(student_preset, **overrides))

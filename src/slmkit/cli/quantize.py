@@ -12,7 +12,8 @@ def cmd_quantize(args: argparse.Namespace) -> None:
 
     report = quantize(args.model, args.method, args.out, group_size=args.group_size, symmetric=not args.asymmetric,
                       calib=args.calib, calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len,
-                      eval_paths=args.eval, eval_tokens=args.eval_tokens, alpha=args.alpha, act_order=args.act_order,
+                      eval_paths=args.eval, eval_tokens=args.eval_tokens,
+                      eval_context=args.eval_context, alpha=args.alpha, act_order=args.act_order,
                       damp=args.damp, max_ppl_increase=args.max_ppl_increase, seed=args.seed, force=args.force,
                       device=args.device, dtype=args.dtype, progress=not args.quiet)
     print(report.markdown(), end="")
@@ -43,6 +44,8 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
     p.add_argument("--calib-seq-len", type=int, metavar="N", help="tokens per calibration window (default: the context, at most 512)")
     p.add_argument("--eval", nargs="+", metavar="FILE", help="held-out text for the perplexity in the report (default: the --calib files)")
     p.add_argument("--eval-tokens", type=int, default=16384, metavar="N", help="score at most N held-out tokens (default: 16384)")
+    p.add_argument("--eval-context", type=int, default=512, metavar="N",
+                   help="tokens per perplexity window, at most the model's context (default: 512)")
     p.add_argument("--alpha", type=float, default=0.5, help="smoothquant migration strength in [0, 1] (default: 0.5)")
     p.add_argument("--act-order", action="store_true", help="gptq: quantize columns by decreasing activation magnitude")
     p.add_argument("--damp", type=float, default=0.01, help="gptq: dampening, as a fraction of the mean Hessian diagonal (default: 0.01)")

@@ -240,7 +240,7 @@ def export_onnx(
     if graph not in ("auto", "fused", "traced"):
         raise InputError(f"unknown ONNX graph kind {graph!r}; choose auto, fused or traced")
     model_dir = Path(model_dir)
-    model, _ = load(model_dir)
+    model, _ = load(model_dir, dtype="float32")  # ONNX Runtime runs the float32 graph
     if not model.cfg.causal:
         raise InputError("ONNX export is for causal decoders; this model is a bidirectional encoder (causal: false)")
     reason = unsupported_reason(model.cfg)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model as load_safetensors
 from safetensors.torch import save_model as save_safetensors
 
@@ -84,12 +84,20 @@ def load_model(directory: str | os.PathLike, device: str | torch.device = "cpu",
     except OSError as e:
         raise InputError(f"cannot read {weights}: {e.strerror.lower()}") from None
     try:
+        cast_floats(model, dtype or stored_dtype(weights))  # then loading copies the weights without a cast
         load_safetensors(model, str(weights), strict=True)
     except (SafetensorError, RuntimeError, OSError) as e:
         raise InputError(f"cannot read weights from {weights} (corrupt, truncated or for another config): {str(e).splitlines()[0]}") from None
-    if dtype is not None:
-        cast_floats(model, dtype)
     return model.to(device).eval()
+
+
+STORED_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def stored_dtype(weights: str | os.PathLike) -> torch.dtype:
+    """The dtype a model's float weights are stored in (read from its embeddings' header entry)."""
+    with safe_open(str(weights), framework="pt") as f:
+        return STORED_DTYPES.get(f.get_slice("embed_tokens.weight").get_dtype(), torch.float32)
 
 
 def cast_floats(model: torch.nn.Module, dtype: torch.dtype) -> None:

@@ -91,6 +91,7 @@ class QuantReport:
     tokens_per_s_after: float
     eval_tokens: int
     eval_files: list[str]
+    eval_context: int  # tokens per scoring window
     calibration: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
     device: str = "cpu"  # where the model ran for the measurements
@@ -118,7 +119,8 @@ class QuantReport:
                  "Settings: " + ", ".join(f"{k}={v}" for k, v in self.settings.items()), "",
                  "| | before | after | change |", "|---|---|---|---|"]
         lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
-        lines += ["", f"Perplexity on {self.eval_tokens} tokens of {', '.join(self.eval_files)}."]
+        lines += ["", f"Perplexity on {self.eval_tokens} tokens of {', '.join(self.eval_files)}, in windows of "
+                      f"{self.eval_context} tokens (half of each window scored as context for the next)."]
         if self.calibration:
             lines.append(f"Calibration: {self.calibration['samples']} windows of {self.calibration['seq_len']} tokens "
                          f"from {', '.join(self.calibration['files'])}.")
@@ -141,6 +143,7 @@ def quantize(
     calib_seq_len: int | None = None,
     eval_paths: Sequence[str | os.PathLike] | None = None,
     eval_tokens: int = 16384,
+    eval_context: int = 512,
     alpha: float = 0.5,
     act_order: bool = False,
     damp: float = 0.01,
@@ -152,7 +155,9 @@ def quantize(
     progress: bool = False,
 ) -> QuantReport:
     """Quantize the model in `model_dir` with `method` and write a quantized model directory with
-    its quality report to `out`. Held-out text (`eval_paths`) defaults to the calibration files.
+    its quality report to `out`. Held-out text (`eval_paths`) defaults to the calibration files; the
+    report scores its first `eval_tokens` tokens in windows of `eval_context` (at most the model's
+    context): perplexity over a model's full context would cost far more than the quantization.
     The model runs on `device` in `dtype` (as for `slmkit.load`), which is also the dtype of the
     weights that stay in full precision."""
     check_method(method, group_size)  # bad method or group size: fail before any work
@@ -163,6 +168,8 @@ def quantize(
     eval_paths = list(eval_paths or calib or [])
     if not eval_paths:
         raise InputError("the quality report needs held-out text: pass --eval FILES")
+    if eval_tokens < 1 or eval_context < 2:
+        raise InputError(f"--eval-tokens must be >= 1 and --eval-context >= 2, not {eval_tokens} and {eval_context}")
     if max_ppl_increase is not None and max_ppl_increase < 0:
         raise InputError(f"--max-ppl-increase must be >= 0 percent, not {max_ppl_increase}")
     model, tokenizer = load(model_dir, device, dtype)
@@ -176,12 +183,13 @@ def quantize(
         calibration = {"files": [str(p) for p in calib], "samples": len(calib_ids), "seq_len": calib_ids.shape[1]}
     texts = held_out_texts(tokenizer, eval_paths, eval_tokens)
     prompt = tokenizer.encode_ordinary(texts[0])[:16] or [tokenizer.eot_id]
-    before = perplexity_of_texts(model, tokenizer, texts, progress=progress)
+    context = min(eval_context, model.cfg.context_length)
+    before = perplexity_of_texts(model, tokenizer, texts, context=context, progress=progress)
     tps_before = decode_tokens_per_s(model, prompt)
     torch.manual_seed(seed)
     section = quantize_model(model, method, group_size=group_size, symmetric=symmetric, calib_ids=calib_ids,
                              alpha=alpha, act_order=act_order, damp=damp, progress=progress)
-    after = perplexity_of_texts(model, tokenizer, texts, progress=progress)
+    after = perplexity_of_texts(model, tokenizer, texts, context=context, progress=progress)
     tps_after = decode_tokens_per_s(model, prompt)
     increase = 100 * (after.perplexity / before.perplexity - 1)
     if max_ppl_increase is not None and not increase <= max_ppl_increase:
@@ -201,7 +209,7 @@ def quantize(
         save_model_dir(model, tmp, quantization=section)
         report = QuantReport(method, settings, weights_bytes(model_dir), weights_bytes(tmp), before.perplexity,
                              after.perplexity, tps_before, tps_after, before.tokens, [str(p) for p in eval_paths],
-                             calibration, device=str(model.embed_tokens.weight.device),
+                             context, calibration, device=str(model.embed_tokens.weight.device),
                              dtype=str(model.embed_tokens.weight.dtype).removeprefix("torch."))
         if not math.isfinite(after.perplexity):
             report.notes.append("The quantized model's perplexity is not finite: its outputs overflow.")

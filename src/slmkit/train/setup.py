@@ -49,7 +49,7 @@ def build_model(cfg: TrainConfig, tokenizer: Tokenizer) -> Transformer:
     """A fresh model from the preset (vocab_size from the tokenizer unless set), or the --init one."""
     torch.manual_seed(cfg.seed)
     if cfg.init:
-        model = load_model(cfg.init).train()
+        model = load_model(cfg.init, dtype="float32").train()  # fp32 master weights, whatever the stored dtype
         if cfg.model:
             model_cfg = model.cfg.replace(**cfg.model)
             state = model.state_dict()
