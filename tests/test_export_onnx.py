@@ -15,7 +15,7 @@ import torch
 import slmkit
 from slmkit.cli import main
 from slmkit.config import ModelConfig
-from slmkit.errors import ExportError, InputError
+from slmkit.errors import ExportError, InputError, OutputExistsError
 
 pytest.importorskip("onnxruntime", reason="needs the onnx extra (onnxruntime)")
 pytest.importorskip("onnxscript", reason="needs the onnx extra (onnxscript)")
@@ -235,10 +235,32 @@ def test_torch_backend_refuses_onnx_runtime_options(model_dir, capsys):
     assert "--backend onnx" in capsys.readouterr().err
 
 
-def test_export_that_does_not_reproduce_the_model_fails_and_writes_nothing(model_dir, tmp_path):
+def test_export_that_does_not_reproduce_the_model_fails_and_writes_nothing(model_dir, tmp_path, capsys):
     with pytest.raises(ExportError, match="differ from PyTorch"):
         export_onnx(model_dir, tmp_path / "out", tolerance=1e-12)
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+    assert main(["export", "onnx", str(model_dir), "--out", str(tmp_path / "out"), "--tolerance", "1e-12", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ONNX Runtime logits differ from PyTorch by ") and "--tolerance 1e-12 of the largest |logit|" in err
+    assert err.count("\n") == 1 and not (tmp_path / "out").exists()
+
+
+def test_the_bound_scales_with_the_logits_and_options_are_checked_before_loading(tmp_path):
+    """Logits of magnitude ~40 (a real model's) carry float32 rounding above an absolute 1e-4."""
+    from safetensors.torch import load_file, save_file
+
+    model_dir = make_model_dir(tmp_path / "model", steps=0)
+    weights = model_dir / "model.safetensors"
+    state = load_file(weights)
+    state["embed_tokens.weight"] = state["embed_tokens.weight"] * 60  # tied: large embeddings and large logits
+    save_file(state, weights)
+    info = json.loads((export_onnx(model_dir, tmp_path / "out") / "export.json").read_text())
+    assert info["max_abs_logit"] > 30 and info["tolerance"] == 1e-4
+    assert info["max_abs_difference_fp32"] <= 1e-4 * info["max_abs_logit"]
+    with pytest.raises(OutputExistsError, match="already exists"):  # before reading the (missing) model
+        export_onnx(tmp_path / "no-model", tmp_path / "out")
+    with pytest.raises(InputError, match="--tolerance must be > 0"):
+        export_onnx(model_dir, tmp_path / "other", tolerance=0)
 
 
 def test_export_with_int4_quantization_end_to_end(model_dir, tmp_path):

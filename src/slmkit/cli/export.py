@@ -10,7 +10,9 @@ def cmd_export_onnx(args: argparse.Namespace) -> None:
 
     from slmkit.export.onnx import EXPORT_INFO, export_onnx
 
-    out = export_onnx(args.model, args.out, opset=args.opset, quantize=args.quantize, force=args.force, graph=args.graph)
+    tolerance = {} if args.tolerance is None else {"tolerance": args.tolerance}
+    out = export_onnx(args.model, args.out, opset=args.opset, quantize=args.quantize, force=args.force, graph=args.graph,
+                      **tolerance)
     info = json.loads((out / EXPORT_INFO).read_text(encoding="utf-8"))
     print(f"wrote {out} ({info['graph']} graph; max |logit - PyTorch| {info['max_abs_difference_fp32']:.1e} fp32"
           + (f", {info['max_abs_difference_quantized']:.1e} {args.quantize}" if args.quantize else "") + ")")
@@ -34,7 +36,7 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
                                        "Llama-style models (rmsnorm, swiglu, rope, no biases) get a graph built on ONNX "
                                        "Runtime's fused kernels (GroupQueryAttention, in-place KV cache), the fast one "
                                        "for decoding; other models are traced with torch.onnx.export. "
-                                       "The export is checked against PyTorch (max |logit difference| <= 1e-4) and "
+                                       "The export is checked against PyTorch (max |logit difference| <= --tolerance x max(1, max |logit|)) and "
                                        "fails otherwise. Run it with `slmkit generate OUT PROMPT --backend onnx`.")
     p.add_argument("model", metavar="MODEL_DIR", help="model directory")
     p.add_argument("--out", required=True, metavar="DIR", help="export directory to create")
@@ -44,6 +46,8 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
                         "(any decoder, HF/optimum-style inputs); auto: fused when the model allows it (default)")
     p.add_argument("--quantize", choices=["int8", "int4"],
                    help="ONNX Runtime weight quantization: dynamic int8 MatMuls, or 4-bit blockwise MatMulNBits")
+    p.add_argument("--tolerance", type=float, metavar="T",
+                   help="largest accepted |logit difference| from PyTorch, as a fraction of max(1, max |logit|) (default: 1e-4)")
     p.add_argument("--force", action="store_true", help="replace DIR if it exists")
     p.set_defaults(handler=cmd_export_onnx)
 

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from slmkit._io import atomic_dir, write_json
-from slmkit.errors import ExportError, InputError, MissingExtraError
+from slmkit.errors import ExportError, InputError, MissingExtraError, OutputExistsError
 from slmkit.export.onnx_fused import (
     DEFAULT_OPSET,
     FUSED_INPUTS,
@@ -54,7 +54,7 @@ EXPORT_INFO = "export.json"
 MODEL_DIR_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "generation.json")
 Quantize = Literal["int8", "int4"]
 GraphKind = Literal["auto", "fused", "traced"]
-TOLERANCE = 1e-4  # largest |logit difference| accepted between ONNX Runtime and PyTorch (fp32)
+TOLERANCE = 1e-4  # largest |logit difference| accepted (fp32), relative to max(1, the largest |logit|)
 EXTERNAL_DATA_BYTES = 1 << 30  # protobuf files stop at 2 GiB; larger weights go to model.onnx.data
 
 
@@ -174,20 +174,21 @@ def validation_inputs(model: Transformer) -> list[tuple[torch.Tensor, torch.Tens
 
 
 @torch.inference_mode()
-def max_difference(model: Transformer, onnx_path: Path) -> float:
-    """Largest |logit difference| between ONNX Runtime and PyTorch over a left-padded prefill and
-    decode steps, at the positions of real tokens (each side runs on its own cache). The config
-    must already sit beside `onnx_path`."""
+def max_difference(model: Transformer, onnx_path: Path) -> tuple[float, float]:
+    """(largest |logit difference| between ONNX Runtime and PyTorch, largest |PyTorch logit|) over a
+    left-padded prefill and decode steps, at the positions of real tokens (each side runs on its own
+    cache). The config must already sit beside `onnx_path`."""
     from slmkit.generation.ort import OrtModel
 
     ort_model = OrtModel(onnx_path)
     cache, ort_cache = model.new_cache(2), ort_model.new_cache(2)
-    worst = 0.0
+    worst = largest = 0.0
     for ids, mask in validation_inputs(model):
         expected, got = model(ids, attention_mask=mask, cache=cache), ort_model(ids, attention_mask=mask, cache=ort_cache)
         real = mask[:, -ids.shape[1]:].bool()
         worst = max(worst, float((got - expected).abs()[real].max()))
-    return worst
+        largest = max(largest, float(expected.abs()[real].max()))
+    return worst, largest
 
 
 def quantize_onnx(src: Path, dst: Path, method: Quantize, block_size: int = 32) -> None:
@@ -231,14 +232,20 @@ def export_onnx(
 
     `graph` picks the fused graph (llama-style models only) or the traced one; "auto" takes the
     fused one whenever the config allows it. The fp32 graph must match PyTorch within `tolerance`
-    (max |logit difference|) or the export fails and nothing is written. `quantize` then replaces
-    it with an int8 or int4 graph.
+    relative to the logits (max |logit difference| <= tolerance * max(1, max |logit|): float32
+    rounding grows with the values summed) or the export fails and nothing is written. `quantize`
+    then replaces it with an int8 or int4 graph. The options and the output path are checked
+    before the model is loaded.
     """
     _require_onnx()
     if quantize not in (None, "int8", "int4"):
         raise InputError(f"unknown ONNX quantization {quantize!r}; choose int8 or int4")
     if graph not in ("auto", "fused", "traced"):
         raise InputError(f"unknown ONNX graph kind {graph!r}; choose auto, fused or traced")
+    if not tolerance > 0:
+        raise InputError(f"--tolerance must be > 0, not {tolerance}")
+    if Path(out).exists() and not force:
+        raise OutputExistsError(f"output {out} already exists; pass --force to overwrite it")
     model_dir = Path(model_dir)
     model, _ = load(model_dir, dtype="float32")  # ONNX Runtime runs the float32 graph
     if not model.cfg.causal:
@@ -260,18 +267,20 @@ def export_onnx(
         else:
             export_decoder(model, fp32, opset, external_data=large)
             names = (input_names(model.cfg.n_layers), output_names(model.cfg.n_layers))
-        difference = max_difference(model, fp32)
-        if not difference <= tolerance:
-            raise ExportError(f"ONNX Runtime logits differ from PyTorch by {difference:.2e} (> {tolerance:.0e}); the export is not faithful")
+        difference, largest = max_difference(model, fp32)
+        bound = tolerance * max(1.0, largest)
+        if not difference <= bound:
+            raise ExportError(f"ONNX Runtime logits differ from PyTorch by {difference:.2e} (> {bound:.2e}: --tolerance "
+                              f"{tolerance:g} of the largest |logit| {largest:.3g}); the export is not faithful")
         info: dict[str, Any] = {"format": "onnx", "graph": kind, "opset": opset or (DEFAULT_OPSET if kind == "fused" else None),
-                                "quantize": quantize,
-                                "max_abs_difference_fp32": difference, "inputs": names[0], "outputs": names[1]}
+                                "quantize": quantize, "max_abs_difference_fp32": difference, "max_abs_logit": largest,
+                                "tolerance": tolerance, "inputs": names[0], "outputs": names[1]}
         if kind == "traced" and graph == "auto":
             info["traced_because"] = reason
         if quantize:
             quantize_onnx(fp32, path, quantize)
             for file in tmp.glob(fp32.name + "*"):
                 file.unlink()
-            info["max_abs_difference_quantized"] = max_difference(model, path)
+            info["max_abs_difference_quantized"] = max_difference(model, path)[0]
         write_json(tmp / EXPORT_INFO, info)
     return Path(out)
