@@ -215,6 +215,25 @@ def test_safetensors_shards_and_pickle_checkpoints(tmp_path: Path) -> None:
     assert not (tmp_path / "c").exists()
 
 
+def test_to_hf_writes_shards_with_the_standard_index(tmp_path: Path, tokenizer_dirs) -> None:
+    from slmkit.cli import main
+
+    hf = save_hf("llama2", tmp_path / "hf", tokenizer_dirs)
+    from_hf(tmp_path / "hf", tmp_path / "ours")
+    assert main(["convert", "to-hf", str(tmp_path / "ours"), "--out", str(tmp_path / "back"), "--max-shard-size", "100KB"]) == 0
+    index = json.loads((tmp_path / "back" / "model.safetensors.index.json").read_text())
+    shards = sorted(p.name for p in (tmp_path / "back").glob("model-*.safetensors"))
+    assert len(shards) > 2 and sorted(set(index["weight_map"].values())) == shards
+    assert not (tmp_path / "back" / "model.safetensors").exists()
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back", attn_implementation="eager").eval()
+    assert_same_model(back, load_model(tmp_path / "ours"))
+    from_hf(tmp_path / "back", tmp_path / "again")  # and slmkit reads them back
+    assert_same_model(hf, load_model(tmp_path / "again"))
+    with pytest.raises(InputError, match="max shard size '5 gigs' is not a size"):
+        to_hf(tmp_path / "ours", tmp_path / "bad", max_shard_size="5 gigs")
+    assert not (tmp_path / "bad").exists()
+
+
 class _Payload:
     """A pickle that would create a file when unpickled."""
 

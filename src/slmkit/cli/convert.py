@@ -15,7 +15,7 @@ def cmd_from_hf(args: argparse.Namespace) -> None:
 def cmd_to_hf(args: argparse.Namespace) -> None:
     from slmkit.convert import to_hf
 
-    out = to_hf(args.model, args.out, args.family, force=args.force)
+    out = to_hf(args.model, args.out, args.family, force=args.force, max_shard_size=args.max_shard_size)
     print(f"wrote {out}")
 
 
@@ -46,5 +46,7 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
     t.add_argument("model", metavar="MODEL_DIR", help="slmkit model directory")
     t.add_argument("--out", required=True, metavar="HF_DIR", help="directory to write")
     t.add_argument("--family", choices=list(FAMILIES), help="HF family to write (default: the first that expresses the config exactly)")
+    t.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
+                   help="split larger weights into shards with an index, as transformers does (default: 5GB)")
     t.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     t.set_defaults(handler=cmd_to_hf)

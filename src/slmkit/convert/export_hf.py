@@ -7,24 +7,29 @@ import os
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import save_file
-
 from slmkit._io import atomic_dir, write_json
 from slmkit.convert.families import FAMILIES, family_for
 from slmkit.convert.weights import export_tensors
-from slmkit.errors import InputError
+from slmkit.errors import InputError, MissingExtraError
 from slmkit.model.io import generation_defaults, load_model
 from slmkit.tokenizer import Tokenizer
 from slmkit.tokenizer.hf_format import HF_BACKEND_KEY
 
 
-def to_hf(model_dir: str | os.PathLike, out: str | os.PathLike, family: str | None = None, *, force: bool = False) -> Path:
+def to_hf(model_dir: str | os.PathLike, out: str | os.PathLike, family: str | None = None, *, force: bool = False,
+          max_shard_size: int | str = "5GB") -> Path:
     """Write config.json, model.safetensors, tokenizer files and generation_config.json that
     `transformers.AutoModelForCausalLM.from_pretrained(out)` loads without custom code.
 
     `family` (e.g. "llama") picks the format; by default the first family that expresses the
     config exactly. A config no family expresses is an error naming the fields in the way.
+    Weights above `max_shard_size` (bytes, or "500MB", "5GB") are split into
+    model-0000N-of-0000M.safetensors shards with the standard model.safetensors.index.json.
     """
+    try:
+        from huggingface_hub import save_torch_state_dict
+    except ImportError:
+        raise MissingExtraError("huggingface_hub", "hf") from None
     model = load_model(model_dir)
     cfg = model.cfg
     if family is None:
@@ -46,7 +51,11 @@ def to_hf(model_dir: str | os.PathLike, out: str | os.PathLike, family: str | No
                  "dtype": str(model.embed_tokens.weight.dtype).removeprefix("torch.")}
     tensors = fam.checkpoint_tensors(cfg, hf_config)
     with atomic_dir(out, force=force) as tmp:
-        save_file(export_tensors(model.state_dict(), tensors), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        try:
+            save_torch_state_dict(export_tensors(model.state_dict(), tensors), tmp, max_shard_size=max_shard_size,
+                                  metadata={"format": "pt"})
+        except ValueError as e:  # an unreadable size such as "5 gigs"
+            raise InputError(f"max shard size {max_shard_size!r} is not a size like 500MB or 5GB: {e}") from None
         write_json(tmp / "config.json", hf_config)
         write_json(tmp / "generation_config.json", {k: v for k, v in ids.items() if v is not None})
         if tokenizer is not None:
