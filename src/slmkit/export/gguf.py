@@ -11,8 +11,12 @@ Two llama.cpp architectures cover slmkit's presets:
 A configuration neither can express is refused with an error that names the feature.
 
 The tokenizer goes in as `tokenizer.ggml.model = gpt2` (byte-level BPE): tokens, token types,
-merges, end-of-text id and the pre-tokenizer name llama.cpp matches to slmkit's split regex
-(`llama-bpe` for the gpt4 pattern, `gpt-2` for the gpt2 one). The model's chat format
+merges, end-of-text id and the name of the llama.cpp pre-tokenizer that splits text with the same
+regexes (`PRE_TOKENIZERS`: `llama-bpe` for the gpt4 pattern, `gpt-2`, `qwen2`, `smollm`); an
+imported tokenizer's are read from its tokenizer.json. llama.cpp applies no normalizer, so an NFC
+one (Qwen2) is written as llama.cpp's own converter writes it: text already in NFC, as nearly all
+text is, gets the same ids. Llama-3 RoPE scaling goes in as the `rope_freqs` tensor of per-frequency
+divisors llama.cpp reads. The model's chat format
 (`slmkit.chat.ChatFormat.for_model`: the template it was tuned with, else ChatML when the tokenizer
 has its tokens) goes in as `tokenizer.chat_template`, with the token that ends its assistant turns as
 the end-of-turn id; `write_modelfile` writes the Ollama Modelfile in the same format.
@@ -20,11 +24,13 @@ the end-of-turn id; `write_modelfile` writes the Ollama Modelfile in the same fo
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -34,13 +40,18 @@ from slmkit.chat.ollama import ollama_template
 from slmkit.config import ModelConfig
 from slmkit.errors import ExportError, InputError, MissingExtraError, OutputExistsError
 from slmkit.model.io import generation_defaults, load
+from slmkit.model.layers import rope_frequencies
 from slmkit.model.transformer import Transformer
 from slmkit.tokenizer import Tokenizer
+from slmkit.tokenizer.hf_backend import HFTokenizer
 from slmkit.tokenizer.pretokenize import GPT2_PATTERN, GPT4_PATTERN, token_to_str
 
 GGUFType = Literal["f32", "f16", "q8_0", "q4_0"]
 GGUF_TYPES = ("f32", "f16", "q8_0", "q4_0")
-PRE_TOKENIZERS = {GPT4_PATTERN: "llama-bpe", GPT2_PATTERN: "gpt-2"}
+QWEN2_PATTERN = GPT4_PATTERN.replace(r"\p{N}{1,3}", r"\p{N}")  # digits one by one
+# The regexes each llama.cpp pre-tokenizer splits with, in order (src/llama-vocab.cpp), as tokenizer.json writes them.
+PRE_TOKENIZERS = {(GPT4_PATTERN,): "llama-bpe", (QWEN2_PATTERN,): "qwen2", (r"\p{N}", GPT2_PATTERN): "smollm",
+                  (GPT2_PATTERN,): "gpt-2"}
 
 
 def _import_gguf():
@@ -69,7 +80,7 @@ def gguf_architecture(cfg: ModelConfig) -> str:
         unsupported += [
             (cfg.norm != "rmsnorm", f"{cfg.norm} in a llama-style (rope) model"),
             (cfg.mlp != "swiglu", f"{cfg.mlp} MLP in a llama-style (rope) model"),
-            (kind not in (None, "default", "linear"), f"{kind} rope scaling"),
+            (kind not in (None, "default", "linear", "llama3"), f"{kind} rope scaling"),
         ]
     elif cfg.pos == "learned":
         unsupported += [
@@ -84,12 +95,37 @@ def gguf_architecture(cfg: ModelConfig) -> str:
 
 
 def pre_tokenizer(tokenizer: Tokenizer) -> str:
-    """The llama.cpp pre-tokenizer whose regex is exactly this tokenizer's split pattern."""
-    if tokenizer.pattern not in PRE_TOKENIZERS:
-        raise ExportError("GGUF needs the gpt4 or gpt2 split pattern (llama.cpp's llama-bpe / gpt-2); this tokenizer uses another regex")
-    if tokenizer.normalizer:
-        raise ExportError(f"GGUF cannot express the tokenizer's {tokenizer.normalizer.upper()} normalizer")
-    return PRE_TOKENIZERS[tokenizer.pattern]
+    """The llama.cpp pre-tokenizer that splits text with exactly this tokenizer's regexes."""
+    if isinstance(tokenizer, HFTokenizer):
+        spec = json.loads(tokenizer.source_json)
+        regexes = split_regexes(spec.get("pre_tokenizer"))
+        normalizer = (spec.get("normalizer") or {}).get("type")
+    else:
+        regexes, normalizer = (tokenizer.pattern,), tokenizer.normalizer
+    if regexes not in PRE_TOKENIZERS:
+        known = ", ".join(PRE_TOKENIZERS.values())
+        raise ExportError(f"GGUF needs a pre-tokenizer llama.cpp knows ({known}); this tokenizer splits text with "
+                          f"other regexes: {' then '.join(regexes) or 'none'}")
+    if normalizer not in (None, "nfc", "NFC"):
+        raise ExportError(f"GGUF cannot express the tokenizer's {normalizer} normalizer (llama.cpp applies none)")
+    return PRE_TOKENIZERS[regexes]
+
+
+def split_regexes(step: dict[str, Any] | None) -> tuple[str, ...]:
+    """The regexes a tokenizer.json pre-tokenizer splits with, in order (byte-level BPE steps only);
+    an ExportError for any other step, which llama.cpp could not reproduce."""
+    if step is None:
+        return ()
+    kind = step.get("type")
+    if kind == "Sequence":
+        return tuple(r for inner in step["pretokenizers"] for r in split_regexes(inner))
+    if kind == "ByteLevel" and not step.get("add_prefix_space"):
+        return (GPT2_PATTERN,) if step.get("use_regex", True) else ()
+    if kind == "Split" and "Regex" in step.get("pattern", {}) and step.get("behavior") == "Isolated" and not step.get("invert"):
+        return (step["pattern"]["Regex"],)
+    if kind == "Digits":
+        return (r"\p{N}" if step.get("individual_digits") else r"\p{N}+",)
+    raise ExportError(f"GGUF cannot express the tokenizer's {kind} pre-tokenizer step ({json.dumps(step)[:120]})")
 
 
 # ---------------------------------------------------------------------------- tensors
@@ -114,6 +150,8 @@ def llama_tensors(model: Transformer) -> Iterator[tuple[str, torch.Tensor]]:
     yield "output_norm.weight", sd["norm.weight"]
     if not cfg.tie_embeddings:  # llama.cpp reuses token_embd when output is absent
         yield "output.weight", sd["lm_head.weight"]
+    if (factors := rope_freq_factors(cfg)) is not None:
+        yield "rope_freqs.weight", factors
 
 
 def gpt2_tensors(model: Transformer) -> Iterator[tuple[str, torch.Tensor]]:
@@ -161,9 +199,36 @@ def encode_tensor(gguf, name: str, w: torch.Tensor, kind: GGUFType) -> tuple[np.
 
 
 # ---------------------------------------------------------------------------- metadata
+def vocabulary(tokenizer: Tokenizer) -> tuple[dict[int, str], list[str]]:
+    """(id -> token string, merges as "left right") in the byte-level form GGUF stores: an imported
+    tokenizer's straight from its tokenizer.json, slmkit's own from its byte tokens."""
+    if not isinstance(tokenizer, HFTokenizer):
+        pieces = {i: token_to_str(token) for i, token in enumerate(tokenizer.vocab)}
+        return pieces, [f"{token_to_str(tokenizer.vocab[a])} {token_to_str(tokenizer.vocab[b])}" for a, b in tokenizer.merges]
+    model = json.loads(tokenizer.source_json)["model"]
+    if model.get("type") != "BPE" or not _byte_level(tokenizer):
+        raise ExportError("GGUF export writes byte-level BPE tokenizers (GPT-2, Llama 3, Qwen, SmolLM style); "
+                          f"this one is {model.get('type')} without byte-level pre-tokenization")
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    return {i: piece for piece, i in model["vocab"].items()}, merges
+
+
+def _byte_level(tokenizer: HFTokenizer) -> bool:
+    spec = json.loads(tokenizer.source_json)
+    return '"ByteLevel"' in json.dumps(spec.get("pre_tokenizer")) and '"ByteLevel"' in json.dumps(spec.get("decoder"))
+
+
+def adds_bos(tokenizer: Tokenizer) -> bool:
+    """Whether the tokenizer puts its BOS token first by default, as an imported Llama 3's post-processor does."""
+    if not isinstance(tokenizer, HFTokenizer) or tokenizer.bos_token is None:
+        return False
+    return tokenizer.encode_with_template("a")[:1] == [tokenizer.hf.token_to_id(tokenizer.bos_token)]
+
+
 def add_tokenizer(gguf, writer, tokenizer: Tokenizer, vocab_size: int, chat_format: ChatFormat | None = None) -> None:
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(pre_tokenizer(tokenizer))
+    pieces, merges = vocabulary(tokenizer)
     tokens, types = [], []
     specials, added = {v: k for k, v in tokenizer.special_tokens.items()}, {v: k for k, v in tokenizer.added_tokens.items()}
     for i in range(vocab_size):
@@ -171,19 +236,22 @@ def add_tokenizer(gguf, writer, tokenizer: Tokenizer, vocab_size: int, chat_form
             tokens.append(specials[i]), types.append(gguf.TokenType.CONTROL)
         elif i in added:
             tokens.append(added[i]), types.append(gguf.TokenType.USER_DEFINED)
-        elif i < tokenizer.vocab_size:
-            tokens.append(token_to_str(tokenizer.vocab[i])), types.append(gguf.TokenType.NORMAL)
+        elif i in pieces:
+            tokens.append(pieces[i]), types.append(gguf.TokenType.NORMAL)
         else:  # the model's embedding table may be padded beyond the tokenizer
             tokens.append(f"[PAD{i}]"), types.append(gguf.TokenType.UNUSED)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
-    writer.add_token_merges([f"{token_to_str(tokenizer.vocab[a])} {token_to_str(tokenizer.vocab[b])}" for a, b in tokenizer.merges])
+    writer.add_token_merges(merges)
+    known = {**tokenizer.special_tokens, **tokenizer.added_tokens}
+    bos = known.get(tokenizer.bos_token) if tokenizer.bos_token else None
     if tokenizer.eot_token:
-        writer.add_bos_token_id(tokenizer.eot_id)  # GPT-2 convention; never added (add_bos_token false)
         writer.add_eos_token_id(tokenizer.eot_id)
+    if bos is not None or tokenizer.eot_token:
+        writer.add_bos_token_id(bos if bos is not None else tokenizer.eot_id)  # GPT-2 convention: eot, never added
     if tokenizer.pad_id is not None:
         writer.add_pad_token_id(tokenizer.pad_id)
-    writer.add_add_bos_token(False)  # llama.cpp would otherwise add one for llama-bpe
+    writer.add_add_bos_token(adds_bos(tokenizer))  # llama.cpp would otherwise add one for llama-bpe
     writer.add_add_eos_token(False)
     if chat_format is not None:
         writer.add_chat_template(chat_format.source)
@@ -212,6 +280,15 @@ def add_hyperparameters(gguf, writer, cfg: ModelConfig, arch: str) -> None:
         writer.add_rope_scaling_factor(float(cfg.rope_scaling["factor"]))
 
 
+def rope_freq_factors(cfg: ModelConfig) -> torch.Tensor | None:
+    """Llama-3 RoPE scaling as llama.cpp reads it: one divisor per frequency (the `rope_freqs`
+    tensor), the unscaled inverse frequencies over the scaled ones. None for other scalings."""
+    scaling = cfg.rope_scaling or {}
+    if scaling.get("type", scaling.get("rope_type")) != "llama3":
+        return None
+    return rope_frequencies(dataclasses.replace(cfg, rope_scaling=None)) / rope_frequencies(cfg)
+
+
 FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "q8_0": "MOSTLY_Q8_0", "q4_0": "MOSTLY_Q4_0"}
 
 
@@ -232,7 +309,7 @@ def export_gguf(
         raise OutputExistsError(f"output {out} already exists; pass --force to overwrite it")
     model, tokenizer = load(model_dir)
     arch = gguf_architecture(model.cfg)
-    pre_tokenizer(tokenizer)  # refuse before writing anything
+    pre_tokenizer(tokenizer), vocabulary(tokenizer)  # refuse before writing anything
     chat_format = ChatFormat.for_model(model_dir, tokenizer)
     if modelfile and chat_format:
         ollama_template(chat_format)  # refuses a template Ollama cannot express
@@ -243,6 +320,7 @@ def export_gguf(
         writer = gguf.GGUFWriter(tmp, arch)
         writer.add_name(Path(model_dir).resolve().name)
         writer.add_file_type(getattr(gguf.LlamaFileType, FILE_TYPES[type]))
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         add_hyperparameters(gguf, writer, model.cfg, arch)
         add_tokenizer(gguf, writer, tokenizer, model.cfg.vocab_size, chat_format)
         tensors = llama_tensors(model) if arch == "llama" else gpt2_tensors(model)
