@@ -56,8 +56,24 @@ def _finish(writer) -> None:
 
 
 # ---------------------------------------------------------------------------- tiny random files
-D, HEADS, KV_HEADS, FFN, LAYERS, CTX = 64, 4, 2, 96, 2, 64
+HEADS, KV_HEADS, FFN, LAYERS, CTX = 4, 2, 96, 2, 64
 VOCAB = 256 + 4  # the 256 byte tokens, a few merges, and an end-of-text control token
+
+
+# where the float16 scales of each K-quant block are (the rest of a block is codes of any value)
+K_SCALES = {"Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
+
+
+def random_k_blocks(shape: tuple[int, ...], kind: str, rng: np.random.Generator) -> np.ndarray:
+    """Random K-quant blocks of a [rows, cols] matrix, with small finite scales."""
+    import gguf
+
+    block, size = gguf.GGML_QUANT_SIZES[getattr(gguf.GGMLQuantizationType, kind)]
+    rows, cols = shape
+    raw = rng.integers(0, 256, (rows, cols // block, size), dtype=np.uint8)
+    for at in K_SCALES[kind]:
+        raw[..., at:at + 2] = np.full((rows, cols // block), 0.01, np.float16).view(np.uint8).reshape(rows, cols // block, 2)
+    return raw.reshape(rows, -1)
 
 
 def _byte_level_vocab() -> tuple[list[str], list[int], list[str]]:
@@ -67,20 +83,22 @@ def _byte_level_vocab() -> tuple[list[str], list[int], list[str]]:
     return tokens, [1] * (VOCAB - 1) + [3], ["Ġ t", "h e", "Ġt he"]
 
 
-def tiny_gguf(path: Path, arch: str = "llama", *, pre: str = "gpt-2", tensor_type: str = "F32", seed: int = 0) -> Path:
+def tiny_gguf(path: Path, arch: str = "llama", *, pre: str = "gpt-2", tensor_type: str = "F32", d: int = 64,
+              seed: int = 0) -> Path:
     """A random model of `arch` (llama, qwen2, qwen3, phi3, gpt2) with a small byte-level vocabulary,
-    laid out as llama.cpp's converter writes that architecture."""
+    laid out as llama.cpp's converter writes that architecture; matrices in `tensor_type` (K-quants
+    are random blocks, since the gguf package cannot write them; they need `d` a multiple of 256)."""
     import gguf
 
     rng = np.random.default_rng(seed)
     Q = gguf.GGMLQuantizationType
     # transformers reads neither key_length for qwen3 nor feed_forward_length and context_length
     # for gpt2 (it sizes n_positions, not n_ctx): the tiny files use its defaults there
-    hd = 128 if arch == "qwen3" else D // HEADS
-    ffn, ctx = (4 * D, 1024) if arch == "gpt2" else (FFN, CTX)
+    hd = 128 if arch == "qwen3" else d // HEADS
+    ffn, ctx = (4 * d, 1024) if arch == "gpt2" else (FFN if d == 64 else d, CTX)
     writer = gguf.GGUFWriter(path, arch)
     writer.add_context_length(ctx)
-    writer.add_embedding_length(D)
+    writer.add_embedding_length(d)
     writer.add_block_count(LAYERS)
     writer.add_feed_forward_length(ffn)
     writer.add_head_count(HEADS)
@@ -111,33 +129,35 @@ def tiny_gguf(path: Path, arch: str = "llama", *, pre: str = "gpt-2", tensor_typ
             writer.add_tensor(name, data, raw_dtype=Q.F32)
         elif tensor_type == "F16":
             writer.add_tensor(name, data.astype(np.float16), raw_dtype=Q.F16)
+        elif tensor_type.endswith("_K"):
+            writer.add_tensor(name, random_k_blocks(shape, tensor_type, rng), raw_dtype=getattr(Q, tensor_type))
         else:
             qtype = getattr(Q, tensor_type)
             writer.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
 
     q = HEADS * hd
     kv = (HEADS if arch == "gpt2" else KV_HEADS) * hd
-    add("token_embd.weight", VOCAB, D)
+    add("token_embd.weight", VOCAB, d)
     if arch == "gpt2":
-        add("position_embd.weight", ctx, D)
+        add("position_embd.weight", ctx, d)
     for i in range(LAYERS):
         b = f"blk.{i}."
-        add(b + "attn_norm.weight", D, norm=True)
-        add(b + "ffn_norm.weight", D, norm=True)
+        add(b + "attn_norm.weight", d, norm=True)
+        add(b + "ffn_norm.weight", d, norm=True)
         if arch in ("gpt2", "phi3"):
-            add(b + "attn_qkv.weight", q + 2 * kv, D)
+            add(b + "attn_qkv.weight", q + 2 * kv, d)
         else:
-            add(b + "attn_q.weight", q, D)
-            add(b + "attn_k.weight", kv, D)
-            add(b + "attn_v.weight", kv, D)
-        add(b + "attn_output.weight", D, q)
+            add(b + "attn_q.weight", q, d)
+            add(b + "attn_k.weight", kv, d)
+            add(b + "attn_v.weight", kv, d)
+        add(b + "attn_output.weight", d, q)
         if arch == "phi3":
-            add(b + "ffn_up.weight", 2 * ffn, D)
+            add(b + "ffn_up.weight", 2 * ffn, d)
         else:
             if arch != "gpt2":
-                add(b + "ffn_gate.weight", ffn, D)
-            add(b + "ffn_up.weight", ffn, D)
-        add(b + "ffn_down.weight", D, ffn)
+                add(b + "ffn_gate.weight", ffn, d)
+            add(b + "ffn_up.weight", ffn, d)
+        add(b + "ffn_down.weight", d, ffn)
         if arch == "qwen2":
             for p, n in (("q", q), ("k", kv), ("v", kv)):
                 add(b + f"attn_{p}.bias", n)
@@ -145,13 +165,13 @@ def tiny_gguf(path: Path, arch: str = "llama", *, pre: str = "gpt-2", tensor_typ
             add(b + "attn_q_norm.weight", hd, norm=True)
             add(b + "attn_k_norm.weight", hd, norm=True)
         if arch == "gpt2":
-            for name, n in (("attn_norm", D), ("ffn_norm", D), ("attn_qkv", q + 2 * kv), ("attn_output", D),
-                            ("ffn_up", ffn), ("ffn_down", D)):
+            for name, n in (("attn_norm", d), ("ffn_norm", d), ("attn_qkv", q + 2 * kv), ("attn_output", d),
+                            ("ffn_up", ffn), ("ffn_down", d)):
                 add(b + f"{name}.bias", n)
-    add("output_norm.weight", D, norm=True)
+    add("output_norm.weight", d, norm=True)
     if arch == "gpt2":
-        add("output_norm.bias", D)
+        add("output_norm.bias", d)
     else:
-        add("output.weight", VOCAB, D)
+        add("output.weight", VOCAB, d)
     _finish(writer)
     return path
