@@ -175,3 +175,24 @@ def tiny_gguf(path: Path, arch: str = "llama", *, pre: str = "gpt-2", tensor_typ
         add("output.weight", VOCAB, d)
     _finish(writer)
     return path
+
+
+def tiny_sentencepiece_gguf(path: Path) -> Path:
+    """A llama file with a SentencePiece vocabulary (`tokenizer.ggml.model = llama`): control tokens,
+    the 256 <0xXX> byte tokens, and a few scored pieces; no weights beyond the embedding."""
+    import gguf
+
+    pieces = ["▁", "t", "h", "e", "a", "c", "▁t", "he", "▁the", "at", "▁c", "▁cat", "▁a", "é"]
+    tokens = ["<unk>", "<s>", "</s>", *(f"<0x{b:02X}>" for b in range(256)), *pieces]
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_types([2, 3, 3, *[6] * 256, *[1] * len(pieces)])
+    writer.add_token_scores([0.0] * 259 + [-float(i) for i in range(len(pieces))])
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
+    writer.add_add_bos_token(True)
+    writer.add_tensor("token_embd.weight", np.zeros((len(tokens), 8), np.float32))
+    _finish(writer)
+    return path

@@ -14,7 +14,7 @@ import torch
 
 import slmkit
 from conftest import assert_close, shared_path
-from gguf_files import reencode, smollm2_path, tiny_gguf
+from gguf_files import reencode, smollm2_path, tiny_gguf, tiny_sentencepiece_gguf
 from slmkit.convert.import_gguf import from_gguf, load_gguf_model, read_gguf
 from slmkit.errors import InputError
 
@@ -81,6 +81,25 @@ def test_import_writes_a_model_directory_with_a_standard_tokenizer_json(tmp_path
     assert tokenizer.decode(tokenizer.encode(text)) == text
     with torch.no_grad():
         assert_close(model(torch.tensor([[1, 2, 3]])), load_gguf_model(read_gguf(path))(torch.tensor([[1, 2, 3]])), 1e-6)
+
+
+def test_sentencepiece_vocabulary_gives_llama_cpp_ids_and_text(tmp_path):
+    tokenizers = pytest.importorskip("tokenizers")
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    from llama_cpp import Llama
+
+    from slmkit.convert.gguf_vocab import vocab_from_gguf
+
+    path = tiny_sentencepiece_gguf(tmp_path / "spm.gguf")
+    tokenizer = tokenizers.Tokenizer.from_str(json.dumps(vocab_from_gguf(read_gguf(path).kv, 64).tokenizer_json))
+    llm = Llama(model_path=str(path), vocab_only=True, verbose=False)
+    try:
+        for text in ["the cat", "a cat at the theatre", "héllo  wörld\n\nthe", " the", "cat 🚀"]:
+            ids = tokenizer.encode(text).ids  # BOS added, as the file's add_bos_token says
+            assert ids == llm.tokenize(text.encode(), add_bos=True, special=False), text
+            assert tokenizer.decode(ids) == llm.detokenize(ids).decode() == text
+    finally:
+        llm.close()
 
 
 # ---------------------------------------------------------------------------- bad files
