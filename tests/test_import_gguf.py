@@ -258,6 +258,7 @@ def test_smollm2_greedy_continuations_equal_llama_cpp(tmp_path, kind):
 
 
 @pytest.mark.real_model
+@pytest.mark.slow  # ~4 minutes: llama.cpp's Q4_1 path on 2 cores
 def test_smollm2_q4_1_greedy_continuations_part_only_at_near_ties():
     """Q4_1 against llama.cpp's 8-bit activations (Q8_1): the rate is reported (measured 6/10)."""
     equal, gaps = greedy_comparison(smollm2_path())

@@ -309,7 +309,7 @@ def from_gguf(src: str | os.PathLike, out: str | os.PathLike, dtype: str = "floa
     if tokenizer.vocab_size > model.cfg.vocab_size:
         raise InputError(f"{f.path.name}: the tokenizer has {tokenizer.vocab_size} tokens, the embedding only {model.cfg.vocab_size} rows")
     with atomic_dir(out, force=force) as tmp:
-        save_model_dir(model, tmp, tokenizer, {"stop_tokens": _stop_tokens(f.kv, tokenizer)})
+        save_model_dir(model, tmp, tokenizer, {"stop_tokens": _stop_tokens(f.kv, tokenizer)}, sampling_defaults=False)
         chat = ChatFormat.for_tokenizer(tokenizer, _stop_tokens(f.kv, tokenizer)) if tokenizer.chat_template else None
         if chat is not None:
             chat.save(tmp)
