@@ -304,6 +304,14 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
 
+async def _put_none_on_disconnect(http: HTTPRequest, queue: asyncio.Queue) -> None:
+    """Wait for the client to go away (the ASGI `http.disconnect` message), then wake the request's
+    output loop with None. The body has been read by then, so nothing else arrives before it."""
+    while (await http.receive())["type"] != "http.disconnect":
+        pass
+    queue.put_nowait(None)
+
+
 # ---------------------------------------------------------------------------- the server
 class Server:
     """Turns OpenAI requests into engine requests and engine outputs into OpenAI responses."""
@@ -363,24 +371,22 @@ class Server:
         if self.active >= self.max_active:
             raise APIError(429, f"the server is busy ({self.active} requests in flight); retry shortly",
                            "rate_limit_error", "queue_full", headers={"Retry-After": "1"})
-        queue: asyncio.Queue[Output] = asyncio.Queue()
+        queue: asyncio.Queue[Output | None] = asyncio.Queue()
         try:
             request_id = self.loop.submit(request, queue)
         except InputError as e:
             raise APIError(400, str(e)) from None
         self.active += 1
         finished = False
+        watcher = asyncio.create_task(_put_none_on_disconnect(http, queue))  # one waiter per request, none per token
         try:
             self.metrics.prompt_tokens.inc(len(request.prompt) * request.n)
             start = last = time.perf_counter()
             remaining, first = request.n, True
             while remaining:
-                try:
-                    out = await asyncio.wait_for(queue.get(), timeout=0.5)
-                except asyncio.TimeoutError:
-                    if await http.is_disconnected():
-                        return
-                    continue
+                out = await queue.get()
+                if out is None:  # the client went away, perhaps before the first token
+                    return
                 now = time.perf_counter()
                 if out.token_ids:
                     self.metrics.tokens(len(out.token_ids))
@@ -399,6 +405,7 @@ class Server:
                     return  # the rest of the request is aborted below
             finished = True
         finally:
+            watcher.cancel()
             self.active -= 1
             self.loop.listeners.pop(request_id, None)
             if not finished:
