@@ -115,6 +115,39 @@ def test_a_failing_sequence_ends_alone_with_an_error(model_dir, monkeypatch):
     assert engine.blocks.num_free == engine.blocks.num_blocks
 
 
+def test_a_failing_forward_pass_ends_only_the_sequence_that_fails_alone(model_dir, monkeypatch):
+    """A forward pass that raises is rerun sequence by sequence: the bystanders finish exactly as
+    alone, only the sequence that still fails ends with "error", and every block comes back."""
+    from slmkit import load
+
+    model, tokenizer = load(model_dir)
+    engine = Engine(model, tokenizer, block_size=8)
+    run = engine.runner.run
+    calls = []
+
+    def failing(batch):
+        calls.append(len(batch))
+        if any(item.seq.request.request_id == "bad" for item in batch):
+            raise RuntimeError("kernel failure")
+        return run(batch)
+
+    monkeypatch.setattr(engine.runner, "run", failing)
+    for rid, prompt in (("good", [1, 2, 3]), ("bad", [4, 5]), ("other", [6, 7, 8, 9])):
+        engine.submit(Request(prompt, max_tokens=20, stop_tokens=[], request_id=rid))
+    reasons, tokens = {}, {"good": [], "other": []}
+    while engine.has_work():
+        for out in engine.step():
+            if out.request_id in tokens:
+                tokens[out.request_id] += out.token_ids
+            reasons[out.request_id] = out.finish_reason or reasons.get(out.request_id)
+    assert reasons == {"good": "length", "bad": "error", "other": "length"}
+    assert 3 in calls and 1 in calls  # the whole batch failed, then each sequence ran alone
+    alone = Engine(model, tokenizer, block_size=8)
+    for rid, prompt in (("good", [1, 2, 3]), ("other", [6, 7, 8, 9])):
+        assert tokens[rid] == alone.generate([Request(prompt, max_tokens=20, stop_tokens=[])])[0][0]
+    assert engine.blocks.num_free == engine.blocks.num_blocks
+
+
 def test_a_failed_generation_is_a_500_and_other_requests_still_work(server, monkeypatch):
     url, state = server
     sample = sampler.next_token

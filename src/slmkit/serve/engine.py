@@ -15,6 +15,7 @@ only the thread that calls `step` touches the model and the cache.
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import queue
 from collections import deque
@@ -28,7 +29,7 @@ from slmkit.errors import InputError
 from slmkit.model.transformer import Transformer
 from slmkit.serve.adapters import MultiLoRA
 from slmkit.serve.kv_pages import BlockManager
-from slmkit.serve.runner import ModelRunner
+from slmkit.serve.runner import ModelRunner, StepResult
 from slmkit.serve.sampler import sample
 from slmkit.serve.scheduler import Scheduled, Scheduler
 from slmkit.serve.sequence import Output, Request, SequenceState
@@ -36,6 +37,8 @@ from slmkit.serve.speculative import Drafter, HiddenStateDrafter
 from slmkit.tokenizer import Tokenizer
 
 __all__ = ["Engine", "Output", "Request"]
+
+log = logging.getLogger("slmkit.serve")
 
 
 class Engine:
@@ -144,7 +147,11 @@ class Engine:
     # ------------------------------------------------------------------ the step
     @torch.inference_mode()
     def step(self) -> list[Output]:
-        """Apply queued calls, then schedule -> run -> sample -> postprocess; return what is new."""
+        """Apply queued calls, then schedule -> run -> sample -> postprocess; return what is new.
+
+        A forward pass that raises is run again sequence by sequence, so only a sequence that
+        fails on its own ends (finish_reason "error"); the others lose nothing, since rerunning
+        their tokens rewrites the same cache slots."""
         while not self.inbox.empty():
             self.inbox.get()()
         outputs = list(self.finished)
@@ -152,14 +159,35 @@ class Engine:
         batch = self.scheduler.schedule()
         if not batch:
             return outputs
-        result = self.runner.run(batch)
-        self._observe(batch, result.last_hidden)
-        choices = sample(batch, result.logits)
-        outputs += self.scheduler.postprocess(batch, choices)
-        self.drafted += sum(c.drafted for c in choices if c is not None)
-        self.accepted += sum(c.accepted for c in choices if c is not None)
+        try:
+            parts = [(batch, self.runner.run(batch))]
+        except Exception:  # noqa: BLE001 -- isolated: only a sequence that fails alone ends
+            if len(batch) == 1:
+                return outputs + [self._fail(batch[0])]
+            parts = self._run_one_by_one(batch, outputs)
+        for part, result in parts:
+            self._observe(part, result.last_hidden)
+            choices = sample(part, result.logits)
+            outputs += self.scheduler.postprocess(part, choices)
+            self.drafted += sum(c.drafted for c in choices if c is not None)
+            self.accepted += sum(c.accepted for c in choices if c is not None)
         self.generated += sum(len(out.token_ids) for out in outputs)
         return outputs
+
+    def _run_one_by_one(self, batch: list[Scheduled], outputs: list[Output]) -> list[tuple[list[Scheduled], StepResult]]:
+        """After a failed forward pass over `batch`: each sequence alone; those that fail again end."""
+        log.exception("a forward pass over %d sequences failed; running them one by one", len(batch))
+        parts = []
+        for item in batch:
+            try:
+                parts.append(([item], self.runner.run([item])))
+            except Exception:  # noqa: BLE001 -- this sequence fails on its own
+                outputs.append(self._fail(item))
+        return parts
+
+    def _fail(self, item: Scheduled) -> Output:
+        log.exception("the sequence of request %s failed; ending it with finish_reason 'error'", item.seq.request.request_id)
+        return self.scheduler.fail(item.seq)
 
     def _observe(self, batch: list[Scheduled], last_hidden: torch.Tensor) -> None:
         """Hand an MTP drafter the hidden states it drafts from (before verification may end a sequence)."""

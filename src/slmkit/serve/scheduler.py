@@ -60,6 +60,11 @@ class Scheduler:
             self._release(seq)
         return [seq.output("abort") for seq in aborted]
 
+    def fail(self, seq: SequenceState) -> Output:
+        """End a completion whose step failed: its blocks are freed, its final output says "error"."""
+        self._release(seq)
+        return seq.output("error")
+
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
