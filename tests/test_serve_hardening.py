@@ -347,3 +347,23 @@ def test_a_huge_n_is_refused_at_once(server, path, body):
     start = time.perf_counter()
     assert_error(post(server, path, body), 400, "n must be between 1 and 64")
     assert time.perf_counter() - start < 5
+
+
+@pytest.mark.parametrize("request_bytes", [
+    b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: nope\r\n\r\n{}",
+    b"GARBAGE\r\n\r\n",
+], ids=["bad-content-length", "bad-request-line"])
+def test_requests_too_malformed_for_the_app_get_an_openai_shaped_400(server, request_bytes):
+    """uvicorn refuses these in its HTTP protocol, before any ASGI code runs."""
+    import socket
+
+    host, port = server[0].removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(request_bytes)
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400") and b"content-type: application/json" in head.lower()
+    error = json.loads(body)["error"]
+    assert error["type"] == "invalid_request_error" and error["message"].startswith("malformed HTTP request")

@@ -75,8 +75,11 @@ def serve(model_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 800
         import uvicorn
     except ImportError:
         raise MissingExtraError("uvicorn", "serve") from None
+    from slmkit.serve.http_errors import http_protocol
+
     app = build_app(model_dir, **settings)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=30))
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, http=http_protocol(), log_level="info",
+                                           timeout_graceful_shutdown=30))
     # uvicorn handles SIGTERM and re-raises it once shut down; a stop on request is a clean exit
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
     try:
@@ -91,10 +94,12 @@ def running(app: Any, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
     port); yields the base URL. For tests, benchmarks and notebooks."""
     import uvicorn
 
+    from slmkit.serve.http_errors import http_protocol
+
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+    server = uvicorn.Server(uvicorn.Config(app, http=http_protocol(), log_level="warning", timeout_graceful_shutdown=5))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     while not server.started:
