@@ -367,3 +367,9 @@ def test_requests_too_malformed_for_the_app_get_an_openai_shaped_400(server, req
     assert head.startswith(b"HTTP/1.1 400") and b"content-type: application/json" in head.lower()
     error = json.loads(body)["error"]
     assert error["type"] == "invalid_request_error" and error["message"].startswith("malformed HTTP request")
+
+
+def test_a_chat_role_outside_the_templates_roles_is_a_400(server):
+    body = {"model": "tiny", "max_tokens": 2, "messages": [{"role": "root", "content": "hi"}]}
+    r = post(server, "/v1/chat/completions", body)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages.0.role"

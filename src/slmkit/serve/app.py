@@ -160,7 +160,7 @@ class CompletionBody(SamplingFields):
 
 
 class ChatMessage(Body):
-    role: str
+    role: Literal["system", "user", "assistant"]  # the roles chat templates render; tool messages are not served yet
     content: str
 
 
