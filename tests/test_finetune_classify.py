@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 import torch
@@ -62,14 +63,16 @@ def sms_subset(tmp_path, n: int = 240):
     spam = [x for x in lines if x.startswith("spam")][: n // 3]
     ham = [x for x in lines if x.startswith("ham")][: n - len(spam)]
     path = tmp_path / "sms.tsv"
-    path.write_text("\n".join(sorted(spam + ham, key=hash)) + "\n", encoding="utf-8")
+    rows = spam + ham
+    random.Random(0).shuffle(rows)  # str hashes change per process; the split must not
+    path.write_text("\n".join(rows) + "\n", encoding="utf-8")
     return path, [x.split("\t", 1)[1] for x in spam + ham]
 
 
 def test_sms_spam_training_learns_and_writes_a_classifier_directory(tmp_path):
     data, texts = sms_subset(tmp_path)
     model_dir = tiny_model_dir(tmp_path / "m", texts, vocab_size=400)
-    cfg = FinetuneConfig(max_steps=40, lr=3e-3, warmup_steps=4, eval_every=20, batch_size=16)
+    cfg = FinetuneConfig(max_steps=80, lr=3e-3, warmup_steps=4, eval_every=20, batch_size=16)
     result = finetune_classify(model_dir, data, tmp_path / "run", text_field="1", label_field="0", fmt="tsv",
                                test_fraction=0.25, class_weights="balanced", max_length=48, cfg=cfg, progress=False)
     history = result.fit.history
