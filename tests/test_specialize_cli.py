@@ -19,6 +19,8 @@ from slmkit.model.transformer import Transformer
     (["finetune", "distill"], ["--teacher", "--student-preset", "--temperature", "--alpha"]),
     (["classify"], ["MODEL_DIR", "TEXT"]),
     (["lora", "merge"], ["--adapter"]),
+    (["lora", "export-peft"], ["--adapter", "--base-model", "--family"]),
+    (["lora", "import"], ["ADAPTER_DIR", "--name"]),
     (["eval", "judge"], ["--judge-url", "--judge-model"]),
 ])
 def test_help(argv, words, capsys):

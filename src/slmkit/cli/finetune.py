@@ -1,4 +1,4 @@
-"""`slmkit finetune classify|sft|dpo|distill`, `slmkit classify` and `slmkit lora merge`."""
+"""`slmkit finetune classify|sft|dpo|distill` and `slmkit classify`."""
 
 from __future__ import annotations
 
@@ -102,13 +102,6 @@ def cmd_classify(args: argparse.Namespace) -> None:
         label = max(probs, key=probs.get)
         print(json.dumps({"label": label, "probabilities": probs}) if args.json
               else f"{label} " + " ".join(f"{k}={v:.4f}" for k, v in probs.items()))
-
-
-def cmd_lora_merge(args: argparse.Namespace) -> None:
-    from slmkit.model.lora import merge_adapter_dir
-
-    out = merge_adapter_dir(args.model, args.out, args.adapter, force=args.force)
-    print(f"merged adapter {args.adapter!r} into {out}")
 
 
 def _training_options(p: argparse.ArgumentParser, lr: float = 1e-4) -> None:
@@ -236,13 +229,3 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
     p.add_argument("--json", action="store_true", help="print one JSON object per text")
     device_options(p)
     p.set_defaults(handler=cmd_classify)
-
-    lora = commands.add_parser("lora", help="LoRA adapters", description="Work with LoRA adapters of a model directory.")
-    lora_cmds = lora.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
-    p = lora_cmds.add_parser("merge", parents=[common], help="merge an adapter into the base weights",
-                             description="Write a plain model directory with MODEL_DIR/adapters/NAME merged into its weights.")
-    p.add_argument("model", metavar="MODEL_DIR", help="model directory with adapters/")
-    p.add_argument("--adapter", default="default", help="adapter name (default: default)")
-    p.add_argument("--out", required=True, metavar="DIR", help="merged model directory")
-    p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
-    p.set_defaults(handler=cmd_lora_merge)

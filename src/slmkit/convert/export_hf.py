@@ -8,10 +8,13 @@ from pathlib import Path
 from typing import Any
 
 from slmkit._io import atomic_dir, write_json
-from slmkit.convert.families import FAMILIES, family_for
+from slmkit.config import ModelConfig
+from slmkit.convert.families import FAMILIES, Family, family_for
+from slmkit.convert.peft import write_peft
 from slmkit.convert.weights import export_tensors
 from slmkit.errors import InputError, MissingExtraError
 from slmkit.model.io import generation_defaults, load_model
+from slmkit.model.lora import available_adapters
 from slmkit.tokenizer import Tokenizer
 from slmkit.tokenizer.hf_format import HF_BACKEND_KEY
 
@@ -25,6 +28,8 @@ def to_hf(model_dir: str | os.PathLike, out: str | os.PathLike, family: str | No
     config exactly. A config no family expresses is an error naming the fields in the way.
     Weights above `max_shard_size` (bytes, or "500MB", "5GB") are split into
     model-0000N-of-0000M.safetensors shards with the standard model.safetensors.index.json.
+    Each LoRA adapter under `model_dir/adapters/NAME` is written to `out/adapters/NAME` in PEFT's
+    layout, with base_model_name_or_path `out`: `peft.PeftModel.from_pretrained(model, that dir)`.
     """
     try:
         from huggingface_hub import save_torch_state_dict
@@ -32,14 +37,7 @@ def to_hf(model_dir: str | os.PathLike, out: str | os.PathLike, family: str | No
         raise MissingExtraError("huggingface_hub", "hf") from None
     model = load_model(model_dir)
     cfg = model.cfg
-    if family is None:
-        fam = family_for(cfg)
-    elif family not in FAMILIES:
-        raise InputError(f"unknown family {family!r}; supported: {', '.join(FAMILIES)}")
-    else:
-        fam = FAMILIES[family]
-        if blockers := fam.blockers(cfg):
-            raise InputError(f"this model cannot be written as {family}: {'; '.join(blockers)}")
+    fam = choose_family(cfg, family)
     nonzero = [n for n, t in model.state_dict().items() if fam.zero and n.endswith(fam.zero) and t.any()]
     if nonzero:
         raise InputError(f"this model cannot be written as {fam.name}: {nonzero[0]} is not zero "
@@ -64,7 +62,20 @@ def to_hf(model_dir: str | os.PathLike, out: str | os.PathLike, family: str | No
             config = json.loads(config_path.read_text(encoding="utf-8"))
             config.pop(HF_BACKEND_KEY, None)
             write_json(config_path, config)
+        for name in available_adapters(model_dir):
+            write_peft(tmp / "adapters" / name, model, model_dir / "adapters" / name, fam, str(Path(out).resolve()))
     return Path(out)
+
+
+def choose_family(cfg: ModelConfig, family: str | None) -> Family:
+    """`family` if it expresses `cfg` (an error naming the fields in the way if not), else the first that does."""
+    if family is None:
+        return family_for(cfg)
+    if family not in FAMILIES:
+        raise InputError(f"unknown family {family!r}; supported: {', '.join(FAMILIES)}")
+    if blockers := FAMILIES[family].blockers(cfg):
+        raise InputError(f"this model cannot be written as {family}: {'; '.join(blockers)}")
+    return FAMILIES[family]
 
 
 def _token_ids(tokenizer: Tokenizer | None, generation: dict[str, Any]) -> dict[str, Any]:

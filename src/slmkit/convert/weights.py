@@ -38,6 +38,11 @@ def read_checkpoint(directory: Path) -> dict[str, torch.Tensor]:
     raise InputError(f"{directory} has no weights (model.safetensors, a sharded index, or pytorch_model.bin)")
 
 
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """One weights file: safetensors, or a `.bin` read with `weights_only=True`."""
+    return _load_bin(path) if path.suffix == ".bin" else _load_safetensors(path)
+
+
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))

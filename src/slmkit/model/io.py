@@ -126,10 +126,17 @@ def read_config(directory: str | os.PathLike) -> tuple[ModelConfig, dict[str, An
         raise InputError(f"{path}: {e}") from None
 
 
-def load(directory: str | os.PathLike, device: str | torch.device = "cpu",
-         dtype: str | torch.dtype | None = None) -> tuple[Transformer, Tokenizer]:
-    """A model directory -> (model in eval mode on `device`, in `dtype`, tokenizer); see `load_model`."""
-    return load_model(directory, device, dtype), Tokenizer.load(directory)
+def load(directory: str | os.PathLike, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
+         adapter: str | os.PathLike | None = None) -> tuple[Transformer, Tokenizer]:
+    """A model directory -> (model in eval mode on `device`, in `dtype`, tokenizer); see `load_model`.
+    `adapter` applies a LoRA adapter: a name under `directory/adapters/`, or an adapter directory
+    (slmkit's layout or one PEFT wrote for the model's Hugging Face export)."""
+    model = load_model(directory, device, dtype)
+    if adapter is not None:
+        from slmkit.model.lora import find_adapter, load_adapter
+
+        load_adapter(model, find_adapter(directory, adapter))
+    return model, Tokenizer.load(directory)
 
 
 def generation_defaults(directory: str | os.PathLike) -> dict[str, Any]:

@@ -6,8 +6,15 @@
 freezes every base weight, and leaves only the adapters trainable. One layer can hold several
 named adapters; `set_adapter` switches between them (or turns them off) without touching the
 base. `merge` folds the active adapter into the base weight and `unmerge` restores the saved
-original bit for bit. Adapters are saved in the PEFT layout (`adapter_config.json` +
-`adapter.safetensors` with keys `base_model.model.<module>.lora_A.weight`).
+original bit for bit.
+
+An adapter directory holds `adapter_config.json` (PEFT's keys: r, lora_alpha, target_modules,
+rank_pattern / alpha_pattern for layers of another rank) and the weights, keys
+`base_model.model.<module>.lora_A.weight` [r, in] and `...lora_B.weight` [out, r]. slmkit writes
+`adapter.safetensors` under its own module names, which every model has; PEFT writes
+`adapter_model.safetensors` under the Hugging Face model's names. `read_adapter` reads both (PEFT's
+through the family mapping, `slmkit.convert.peft`), so PEFT adapters load, merge and serve as
+slmkit's do; `slmkit.convert.peft` writes PEFT's layout for a model's `convert to-hf` export.
 
 QLoRA's frozen base is `slmkit.quant.methods.quantize_int8` (weight-only int8, a scale per output
 channel); `LoRALinear` wraps any of the quantized layers of `slmkit.quant.linear` like a float one.
@@ -21,14 +28,17 @@ import json
 import math
 import os
 import re
+from collections import Counter
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
-from slmkit._io import write_json
+from slmkit._io import read_json, write_json
 from slmkit.errors import InputError
 from slmkit.quant.linear import QUANTIZED_LINEARS
 from slmkit.quant.targets import linear_targets, set_module
@@ -36,7 +46,19 @@ from slmkit.quant.targets import linear_targets, set_module
 DEFAULT_TARGETS = ("q", "k", "v", "o")
 ALIASES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter.safetensors"
+PEFT_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")  # PEFT's file (pickled: read weights-only)
 PEFT_PREFIX = "base_model.model."
+_KEY = re.compile(r"(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<part>[AB])\.weight")
+# adapter_config.json keys that are read here or leave the computation to the lora_A / lora_B
+# tensors (initialization, bookkeeping); any other key with a value set is a LoRA variant (DoRA,
+# LoRA biases, fully trained modules, ...) that slmkit does not run, so it is refused.
+CONFIG_KEYS = frozenset({
+    "peft_type", "peft_version", "task_type", "auto_mapping", "base_model_name_or_path", "revision", "inference_mode",
+    "r", "lora_alpha", "lora_dropout", "use_rslora", "rank_pattern", "alpha_pattern", "bias", "fan_in_fan_out",
+    "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "init_lora_weights", "loftq_config",
+    "eva_config", "corda_config", "lora_ga_config", "megatron_core", "qalora_group_size", "ensure_weight_tying",
+    "runtime_config",
+})
 
 
 class LoRALinear(nn.Module):
@@ -205,71 +227,271 @@ def trainable_parameters(model: nn.Module) -> tuple[int, int]:
     return sum(p.numel() for p in params if p.requires_grad), total
 
 
-def adapter_state(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
-    """Adapter `name`'s weights under PEFT's key names."""
-    state = {}
-    for module_name, layer in lora_layers(model):
-        if name in layer.lora_A:
-            state[f"{PEFT_PREFIX}{module_name}.lora_A.weight"] = layer.lora_A[name].weight.detach().contiguous().cpu()
-            state[f"{PEFT_PREFIX}{module_name}.lora_B.weight"] = layer.lora_B[name].weight.detach().contiguous().cpu()
-    if not state:
-        raise InputError(f"the model has no adapter named {name!r}")
-    return state
+@dataclass(frozen=True)
+class LoRAWeights:
+    """One adapted linear: y += scaling * B (A x), with A [r, in] and B [out, r]."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+    scaling: float
+
+    @property
+    def rank(self) -> int:
+        return self.a.shape[0]
 
 
-def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "default", base_model: str | None = None) -> Path:
-    """Write `directory/adapter_config.json` and `directory/adapter.safetensors` for adapter `name`."""
+@dataclass(frozen=True)
+class Adapter:
+    """An adapter read from disk: its layers by slmkit module name, and its input dropout."""
+
+    layers: dict[str, LoRAWeights]
+    dropout: float
+
+
+def _adaptable(model: nn.Module) -> dict[str, nn.Module]:
+    """Every linear an adapter may adapt (the output head too), by name; LoRA layers as themselves."""
+    return linear_targets(model, exclude=(), kinds=(nn.Linear, *QUANTIZED_LINEARS, LoRALinear))
+
+
+def linear_features(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """(out_features, in_features) of every linear an adapter may adapt, by name."""
+    out = {}
+    for name, layer in _adaptable(model).items():
+        base = layer.base_layer if isinstance(layer, LoRALinear) else layer
+        out[name] = (base.out_features, base.in_features)
+    return out
+
+
+def read_adapter(directory: str | os.PathLike, model: nn.Module) -> Adapter:
+    """The adapter in `directory`, in slmkit's layout (`adapter.safetensors`, slmkit module names)
+    or PEFT's (`adapter_model.safetensors`, the module names of the model's Hugging Face family),
+    under slmkit's module names and checked against `model`'s linears: a wrong adapter is an error
+    before anything is changed."""
+    directory = Path(directory)
+    config_path = directory / ADAPTER_CONFIG
+    weights = next((directory / f for f in (ADAPTER_WEIGHTS, *PEFT_WEIGHTS) if (directory / f).is_file()), None)
+    if not config_path.is_file() or weights is None:
+        raise InputError(f"{directory} is not a LoRA adapter directory (needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}, "
+                         f"or PEFT's {PEFT_WEIGHTS[0]})")
+    config = read_json(config_path)
+    _check_config(config, config_path)
+    from slmkit.convert.weights import read_tensors
+
+    pairs = _pairs(read_tensors(weights), weights)
+    layers = {m: LoRAWeights(a, b, _scaling(config, m, a.shape[0], config_path)) for m, (a, b) in pairs.items()}
+    if weights.name != ADAPTER_WEIGHTS:
+        from slmkit.convert.peft import from_hf_names
+
+        layers = from_hf_names(layers, model, weights)
+    features = linear_features(model)
+    for name, w in layers.items():
+        if name not in features:
+            raise InputError(f"{weights}: the adapter adapts {name}, which is not a linear layer of this model "
+                             "(an adapter for another architecture?)")
+        out_features, in_features = features[name]
+        if w.a.shape[1] != in_features or w.b.shape[0] != out_features:
+            raise InputError(f"{weights}: {name} has lora_A {tuple(w.a.shape)} and lora_B {tuple(w.b.shape)}, but the "
+                             f"model's layer is {out_features}x{in_features} (an adapter for another base model?)")
+    return Adapter(layers, float(config.get("lora_dropout") or 0.0))
+
+
+def _check_config(config: object, path: Path) -> None:
+    """Plain LoRA only: a variant that changes the computation is refused, never half-applied."""
+    if not isinstance(config, dict) or not isinstance(config.get("r"), int):
+        raise InputError(f"{path} has no integer rank 'r'")
+    if config.get("peft_type", "LORA") != "LORA":
+        raise InputError(f"{path}: peft_type {config['peft_type']!r} is not supported; slmkit loads LoRA adapters")
+    if config.get("bias", "none") != "none":
+        raise InputError(f"{path}: bias={config['bias']!r} (trained biases) is not supported; only bias='none' loads")
+    variants = sorted(k for k, v in config.items() if v and k not in CONFIG_KEYS)
+    if variants:
+        raise InputError(f"{path} sets {variants[0]}={config[variants[0]]!r}, a LoRA variant slmkit does not run "
+                         "(it loads plain LoRA: y = W x + scaling * B A x)")
+
+
+def _pairs(tensors: dict[str, torch.Tensor], path: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{module: (A, B)} from `[base_model.model.]<module>.lora_A.weight` / `lora_B.weight` keys."""
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        match = _KEY.fullmatch(key)
+        if match is None:
+            raise InputError(f"{path} holds {key}, which is not a lora_A or lora_B weight; only plain LoRA adapters load "
+                             "(no DoRA magnitudes, biases, embedding adapters or fully trained modules)")
+        parts.setdefault(match["module"], {})[match["part"]] = t
+    out = {}
+    for module, ab in parts.items():
+        if set(ab) != {"A", "B"}:
+            raise InputError(f"{path} has {module}.lora_{min(ab)}.weight but no {module}.lora_{'B' if 'A' in ab else 'A'}.weight")
+        a, b = ab["A"], ab["B"]
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+            raise InputError(f"{path}: {module} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}, "
+                             "which are not [r, in] and [out, r]")
+        out[module] = (a, b)
+    if not out:
+        raise InputError(f"{path} holds no lora_A / lora_B weights")
+    return out
+
+
+def _pattern_value(patterns: dict[str, Any], module: str, path: Path) -> Any:
+    """PEFT's rule for rank_pattern / alpha_pattern: the first key that is the module's whole name
+    or its last dotted components."""
+    for key, value in patterns.items():
+        try:
+            if re.match(rf"(.*\.)?({key})$", module):
+                return value
+        except re.error as e:
+            raise InputError(f"{path}: pattern {key!r} is not a regular expression: {e}") from None
+    return None
+
+
+def _scaling(config: dict[str, Any], module: str, rank: int, path: Path) -> float:
+    """alpha / r for `module` (alpha / sqrt(r) with use_rslora), as PEFT computes it."""
+    r = _pattern_value(config.get("rank_pattern") or {}, module, path)
+    r = config["r"] if r is None else r
+    if r != rank:
+        raise InputError(f"{path} gives {module} rank {r}, but its lora_A has {rank} rows")
+    alpha = _pattern_value(config.get("alpha_pattern") or {}, module, path)
+    alpha = config.get("lora_alpha", r) if alpha is None else alpha
+    return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+
+
+def module_patterns(chosen: set[str], universe: set[str]) -> list[str]:
+    """The shortest dotted name endings that pick exactly `chosen` out of `universe`, matched as
+    PEFT matches target_modules and rank patterns: a whole name, or its last components."""
+    out = set()
+    for name in chosen:
+        parts = name.split(".")
+        for k in range(1, len(parts) + 1):
+            suffix = ".".join(parts[-k:])
+            if all(u in chosen for u in universe if u == suffix or u.endswith(f".{suffix}")):
+                out.add(suffix)
+                break
+    return sorted(out)
+
+
+def _rank_config(layers: dict[str, LoRAWeights]) -> dict[str, Any]:
+    """r and lora_alpha of most layers; rank_pattern / alpha_pattern for the others."""
+    values = {m: (w.rank, _number(w.scaling * w.rank)) for m, w in layers.items()}
+    common = Counter(values.values()).most_common(1)[0][0]
+    config: dict[str, Any] = {"r": common[0], "lora_alpha": common[1]}
+    ranks, alphas = {}, {}
+    for value in sorted(set(values.values()) - {common}):
+        for key in module_patterns({m for m, v in values.items() if v == value}, set(values)):
+            if value[0] != common[0]:
+                ranks[key] = value[0]
+            if value[1] != common[1]:
+                alphas[key] = value[1]
+    return {**config, **({"rank_pattern": ranks} if ranks else {}), **({"alpha_pattern": alphas} if alphas else {})}
+
+
+def _number(x: float) -> float | int:
+    return round(x) if abs(x - round(x)) < 1e-9 else x
+
+
+def write_adapter(directory: str | os.PathLike, layers: dict[str, LoRAWeights], universe: set[str], dropout: float,
+                  base_model: str | None, weights_file: str = ADAPTER_WEIGHTS, extra: dict[str, Any] | None = None) -> Path:
+    """adapter_config.json + the weights file for `layers`, named as `universe` (every adaptable
+    linear's name) names them; target_modules picks exactly the adapted ones."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    layers = [(n, layer) for n, layer in lora_layers(model) if name in layer.lora_A]
-    state = adapter_state(model, name)
-    first = layers[0][1]
-    rank = first.lora_A[name].out_features
-    dropout = first.lora_dropout[name]
     write_json(directory / ADAPTER_CONFIG, {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_model,
-        "r": rank,
-        "lora_alpha": first.scaling[name] * rank,
-        "lora_dropout": dropout.p if isinstance(dropout, nn.Dropout) else 0.0,
-        "target_modules": sorted({n.rsplit(".", 1)[-1] for n, _ in layers}),
+        **_rank_config(layers),
+        "lora_dropout": dropout,
+        "target_modules": module_patterns(set(layers), universe | set(layers)),
         "bias": "none",
         "fan_in_fan_out": False,
+        **(extra or {}),
     })
-    save_file(state, str(directory / ADAPTER_WEIGHTS))
+    state = {}
+    for module, w in layers.items():  # copies: the parts of a split fused adapter share A
+        state[f"{PEFT_PREFIX}{module}.lora_A.weight"] = w.a.detach().cpu().clone(memory_format=torch.contiguous_format)
+        state[f"{PEFT_PREFIX}{module}.lora_B.weight"] = w.b.detach().cpu().clone(memory_format=torch.contiguous_format)
+    save_file(state, str(directory / weights_file), metadata={"format": "pt"})
     return directory
 
 
+def adapter_layers(model: nn.Module, name: str) -> dict[str, LoRAWeights]:
+    """Adapter `name` of `model`, by module name."""
+    layers = {module: LoRAWeights(layer.lora_A[name].weight, layer.lora_B[name].weight, layer.scaling[name])
+              for module, layer in lora_layers(model) if name in layer.lora_A}
+    if not layers:
+        raise InputError(f"the model has no adapter named {name!r}")
+    return layers
+
+
+def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "default", base_model: str | None = None) -> Path:
+    """Write `directory/adapter_config.json` and `directory/adapter.safetensors` for adapter `name`."""
+    layers = adapter_layers(model, name)
+    dropout = next(layer.lora_dropout[name] for _, layer in lora_layers(model) if name in layer.lora_A)
+    return write_adapter(directory, layers, set(linear_features(model)), dropout.p if isinstance(dropout, nn.Dropout) else 0.0,
+                         base_model)
+
+
 def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str | None = None) -> str:
-    """Add the adapter saved in `directory` to `model` under `name` (default: the directory's
-    name) and make it active; returns the name."""
+    """Add the adapter saved in `directory` (slmkit's layout or PEFT's) to `model` under `name`
+    (default: the directory's name) and make it active; returns the name. A wrong adapter is an
+    error that leaves the model as it was; loading does not change what trains."""
     directory = Path(directory)
-    config_path, weights_path = directory / ADAPTER_CONFIG, directory / ADAPTER_WEIGHTS
-    if not config_path.is_file() or not weights_path.is_file():
-        raise InputError(f"{directory} is not an adapter directory (needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})")
-    config = json.loads(config_path.read_text(encoding="utf-8"))
     name = name or directory.name
-    state = load_file(str(weights_path))
-    modules = sorted({k[len(PEFT_PREFIX):].rsplit(".lora_", 1)[0] for k in state})
-    targets = [re.escape(m) for m in modules]
+    adapter = read_adapter(directory, model)
+    layers = _adaptable(model)
+    for module in adapter.layers:
+        layer = layers[module]
+        if isinstance(layer, LoRALinear) and name in layer.lora_A:
+            raise InputError(f"adapter {name!r} already exists on {module}")
+    merged = next((layer.merged for _, layer in lora_layers(model) if layer.merged is not None), None)
+    if merged is not None:
+        raise InputError(f"adapter {merged!r} is merged; unmerge it before loading another")
     with torch.no_grad():
-        requires = {n: p.requires_grad for n, p in model.named_parameters()}
-        inject_lora(model, config["r"], config["lora_alpha"], config.get("lora_dropout", 0.0), targets, name)
-        for module_name, layer in lora_layers(model):
-            if name not in layer.lora_A:
-                continue
-            for part in ("lora_A", "lora_B"):
-                key = f"{PEFT_PREFIX}{module_name}.{part}.weight"
-                if key not in state:
-                    raise InputError(f"{weights_path} has no {key}; it was saved for another model")
-                target = getattr(layer, part)[name].weight
-                if state[key].shape != target.shape:
-                    raise InputError(f"{weights_path}: {key} has shape {tuple(state[key].shape)}, the model needs {tuple(target.shape)}")
-                target.copy_(state[key])
-        for n, p in model.named_parameters():  # loading does not change what trains
-            p.requires_grad = requires.get(n, False)
+        for module, weights in adapter.layers.items():
+            layer = layers[module]
+            if not isinstance(layer, LoRALinear):
+                layer = LoRALinear(layer)
+                set_module(model, module, layer)
+            layer.add_adapter(name, weights.rank, weights.scaling * weights.rank, adapter.dropout)
+            for part, value in ((layer.lora_A[name], weights.a), (layer.lora_B[name], weights.b)):
+                part.weight.copy_(value)
+                part.weight.requires_grad = False
+    set_adapter(model, name)
     return name
+
+
+def find_adapter(model_dir: str | os.PathLike, adapter: str | os.PathLike) -> Path:
+    """`model_dir/adapters/<adapter>` when the model has an adapter of that name, else the
+    adapter directory `adapter` (slmkit's layout or PEFT's)."""
+    named = Path(model_dir) / "adapters" / adapter
+    if (named / ADAPTER_CONFIG).is_file():
+        return named
+    if Path(adapter).is_dir():
+        return Path(adapter)
+    raise InputError(f"{model_dir} has no adapter {str(adapter)!r} and {adapter} is not a directory; "
+                     f"adapters: {', '.join(available_adapters(model_dir)) or 'none'}")
+
+
+def import_adapter(model_dir: str | os.PathLike, source: str | os.PathLike, name: str | None = None, *,
+                   force: bool = False) -> Path:
+    """Write the adapter in `source` (slmkit's layout or PEFT's) to `model_dir/adapters/NAME` in
+    slmkit's layout, after checking it against the model; returns that directory."""
+    from slmkit._io import atomic_dir
+    from slmkit.model.io import read_config
+    from slmkit.model.transformer import Transformer
+
+    source = Path(source)
+    name = name or source.name
+    if not re.fullmatch(r"[\w.-]+", name) or name in (".", ".."):
+        raise InputError(f"adapter name {name!r} is not a plain directory name (letters, digits, '.', '_', '-')")
+    cfg, _ = read_config(model_dir)
+    with torch.device("meta"):  # names and shapes only
+        model = Transformer(cfg)
+    adapter = read_adapter(source, model)
+    base_model = read_json(source / ADAPTER_CONFIG).get("base_model_name_or_path")
+    out = Path(model_dir) / "adapters" / name
+    with atomic_dir(out, force=force) as tmp:
+        write_adapter(tmp, adapter.layers, set(linear_features(model)), adapter.dropout, base_model)
+    return out
 
 
 def available_adapters(model_dir: str | os.PathLike) -> list[str]:
@@ -278,7 +500,8 @@ def available_adapters(model_dir: str | os.PathLike) -> list[str]:
 
 
 def adapter_size_bytes(directory: str | os.PathLike) -> int:
-    return (Path(directory) / ADAPTER_WEIGHTS).stat().st_size
+    files = [Path(directory) / f for f in (ADAPTER_WEIGHTS, *PEFT_WEIGHTS)]
+    return next(f for f in files if f.is_file()).stat().st_size
 
 
 def merge_adapter_dir(model_dir: str | os.PathLike, out: str | os.PathLike, name: str = "default", force: bool = False) -> Path:

@@ -1,60 +1,25 @@
 """Multi-LoRA serving: many LoRA adapters on one base model, chosen per row of a batch.
 
-Adapter directory (`MODEL_DIR/adapters/NAME/`):
-
-    adapter_config.json   {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]}
-    adapter.safetensors   for each adapted linear, by its module name in the model (PEFT's
-                          "base_model.model." prefix, as `slmkit finetune --lora-rank` writes, or none):
-                          "base_model.model.layers.0.self_attn.q_proj.lora_A.weight"  [r, in_features]
-                          "base_model.model.layers.0.self_attn.q_proj.lora_B.weight"  [out_features, r]
-
-An adapted linear computes y = W x + (alpha / r) * B (A x). Serving keeps W once and adds, per
-row i of the batch, the delta of that row's adapter: y_i += s_i * (x_i A_i^T) B_i^T. Adapters are
-stacked (ranks zero-padded to the largest, which adds exactly zero), and row index 0 is the base
-model (all-zero A and B), so one batch may mix adapters and the base.
+Adapters are directories as `slmkit.model.lora.read_adapter` reads them (`MODEL_DIR/adapters/NAME/`
+as `slmkit finetune --lora-rank` writes them, or a PEFT adapter of the model's Hugging Face
+export). An adapted linear computes y = W x + s * B (A x), s = lora_alpha / r. Serving keeps W once
+and adds, per row i of the batch, the delta of that row's adapter: y_i += s_i * (x_i A_i^T) B_i^T.
+Adapters are stacked (ranks zero-padded to the largest, which adds exactly zero), and row index 0
+is the base model (all-zero A and B), so one batch may mix adapters and the base.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from collections.abc import Iterator
-from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from slmkit.errors import InputError
-from slmkit.model.lora import PEFT_PREFIX
+from slmkit.model.lora import read_adapter
 from slmkit.model.transformer import Transformer
-
-CONFIG, WEIGHTS = "adapter_config.json", "adapter.safetensors"
-
-
-def read_adapter(path: str | os.PathLike) -> tuple[float, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
-    """An adapter directory -> (scaling alpha/r, {module name: (A [r, in], B [out, r])})."""
-    path = Path(path)
-    if not (path / CONFIG).is_file() or not (path / WEIGHTS).is_file():
-        raise InputError(f"{path} is not a LoRA adapter directory (needs {CONFIG} and {WEIGHTS})")
-    config = json.loads((path / CONFIG).read_text(encoding="utf-8"))
-    if "r" not in config:
-        raise InputError(f"{path / CONFIG} has no rank 'r'")
-    scaling = float(config.get("lora_alpha", config["r"])) / config["r"]
-    tensors = load_file(str(path / WEIGHTS))
-    pairs = {}
-    tensors = {key.removeprefix(PEFT_PREFIX): t for key, t in tensors.items()}  # as `save_adapter` writes them
-    for key in tensors:
-        if key.endswith(".lora_A.weight"):
-            name = key.removesuffix(".lora_A.weight")
-            b_key = f"{name}.lora_B.weight"
-            if b_key not in tensors:
-                raise InputError(f"{path / WEIGHTS} has {key} but no {b_key}")
-            pairs[name] = (tensors[key], tensors[b_key])
-    if not pairs:
-        raise InputError(f"{path / WEIGHTS} holds no '*.lora_A.weight' / '*.lora_B.weight' pairs")
-    return scaling, pairs
 
 
 class MultiLoRALinear(nn.Module):
@@ -86,24 +51,22 @@ class MultiLoRA:
         self.names = [None, *adapters]
         self.rows: torch.Tensor | None = None
         self.device = model.embed_tokens.weight.device
-        loaded = [read_adapter(path) for path in adapters.values()]
+        loaded = [read_adapter(path, model).layers for path in adapters.values()]  # every adapter checked first
         modules = dict(model.named_modules())
-        targets = sorted({name for _, pairs in loaded for name in pairs})
+        targets = sorted({name for layers in loaded for name in layers})
         for name in targets:
-            base = modules.get(name)
-            if not isinstance(base, nn.Linear):
-                raise InputError(f"adapter targets {name!r}, which is not a linear layer of this model")
-            rank = max(pairs[name][0].shape[0] for _, pairs in loaded if name in pairs)
+            if not isinstance(modules.get(name), nn.Linear):
+                raise InputError(f"adapter targets {name!r}, which is not a float linear layer of this model")
+        for name in targets:
+            base = modules[name]
+            rank = max(layers[name].rank for layers in loaded if name in layers)
             a = torch.zeros(len(self.names), rank, base.in_features)
             b = torch.zeros(len(self.names), base.out_features, rank)
             scaling = torch.zeros(len(self.names))
-            for i, (s, pairs) in enumerate(loaded, start=1):
-                if name in pairs:
-                    lora_a, lora_b = pairs[name]
-                    if lora_a.shape[1] != base.in_features or lora_b.shape[0] != base.out_features:
-                        raise InputError(f"adapter {self.names[i]!r}: {name} has shapes {tuple(lora_a.shape)}, "
-                                         f"{tuple(lora_b.shape)}; the model's layer is {base.out_features}x{base.in_features}")
-                    a[i, : lora_a.shape[0]], b[i, :, : lora_b.shape[1]], scaling[i] = lora_a, lora_b, s
+            for i, layers in enumerate(loaded, start=1):
+                if name in layers:
+                    w = layers[name]
+                    a[i, : w.rank], b[i, :, : w.rank], scaling[i] = w.a, w.b, w.scaling
             parent_name, _, attr = name.rpartition(".")
             wrapped = MultiLoRALinear(base, a.to(self.device), b.to(self.device), scaling.to(self.device), self)
             setattr(modules[parent_name], attr, wrapped)
