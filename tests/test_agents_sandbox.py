@@ -20,7 +20,7 @@ import pytest
 
 import slmkit
 from slmkit.agents import sandbox
-from slmkit.agents.sandbox import Limits, SandboxUnavailableError, run_file, run_python
+from slmkit.agents.sandbox import Limits, SandboxUnavailableError, run_python
 
 FAST = Limits(timeout_s=5)
 

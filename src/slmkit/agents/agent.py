@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import contextvars
 import json
+import os
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from slmkit.agents.protocol import PROTOCOLS, ToolCall
 from slmkit.agents.tools import Tool, ToolFailure, as_tool
@@ -91,14 +92,15 @@ class Agent:
     `model` is a base URL (`http://127.0.0.1:8000` or `.../v1`) or an `openai.OpenAI` client.
     `tools` are Tools, typed functions or other agents. `protocol`: "native" (OpenAI tool calls),
     "text" (the JSON-per-step protocol of protocol.py) or "auto": native, falling back to text on
-    the first request when the server rejects `tools`.
+    the first request when the server rejects `tools`. Trace records go to `run.trace`, to the JSONL
+    file `trace` and to `on_record(record)` as they happen.
     """
 
     def __init__(self, model: Any, tools: Iterable[Any] = (), *, model_name: str | None = None, api_key: str | None = None,
                  system_prompt: str = DEFAULT_SYSTEM_PROMPT, protocol: str = "auto", max_steps: int = 10,
                  max_errors_in_a_row: int = 3, temperature: float = 0.0, max_tokens: int = 512,
-                 trace: str | Path | None = None, name: str = "agent", max_observation_chars: int = 4000,
-                 timeout_s: float = 300.0) -> None:
+                 trace: str | Path | None = None, on_record: Callable[[dict], None] | None = None,
+                 name: str = "agent", max_observation_chars: int = 4000, timeout_s: float = 300.0) -> None:
         if protocol not in ("auto", *PROTOCOLS):
             raise InputError(f"protocol must be auto, native or text, not {protocol!r}")
         if max_steps < 1 or max_errors_in_a_row < 1:
@@ -114,7 +116,7 @@ class Agent:
         self.max_steps, self.max_errors_in_a_row = max_steps, max_errors_in_a_row
         self.temperature, self.max_tokens, self.max_observation_chars = temperature, max_tokens, max_observation_chars
         self.trace_path = Path(trace) if trace is not None else None
-        self.name = name
+        self.on_record, self.name = on_record, name
 
     # ------------------------------------------------------------------ public
     def run(self, task: str) -> AgentRun:
@@ -239,7 +241,7 @@ class Agent:
                 return self._complete(run, PROTOCOLS["text"]())
             raise ModelError(f"the model server answered {e.status_code}: {detail}") from None
         except openai.APIError as e:
-            raise ModelError(f"cannot get a reply from the model server at {self.client.base_url}: {e}") from None
+            raise ModelError(f"cannot get a reply from the model server at {self._where()}: {e}") from None
         if not response.choices:
             raise ModelError("the model server returned no choices")
         return response.choices[0].message
@@ -282,11 +284,14 @@ class Agent:
             try:
                 models = self.client.models.list().data
             except openai.APIError as e:
-                raise ModelError(f"cannot list the models at {self.client.base_url}: {e}") from None
+                raise ModelError(f"cannot list the models at {self._where()}: {e}") from None
             if not models:
-                raise ModelError(f"the server at {self.client.base_url} serves no models")
+                raise ModelError(f"the server at {self._where()} serves no models")
             self.model_name = models[0].id
         return self.model_name
+
+    def _where(self) -> str:
+        return str(getattr(self.client, "base_url", "the model server"))
 
     def _record(self, run: AgentRun, event: str, **fields: Any) -> None:
         record = {"time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"), "agent": run.agent,
@@ -295,6 +300,8 @@ class Agent:
         if self.trace_path is not None:
             with open(self.trace_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
+        if self.on_record is not None:
+            self.on_record(record)
 
 
 def _client(model: Any, api_key: str | None, timeout_s: float) -> Any:
@@ -304,8 +311,6 @@ def _client(model: Any, api_key: str | None, timeout_s: float) -> Any:
         import openai
     except ImportError:
         raise MissingExtraError("openai", "agents") from None
-    import os
-
     base = model.rstrip("/")
     if not base.startswith(("http://", "https://")):
         raise InputError(f"--model must be an http(s) URL of an OpenAI-compatible server, not {model!r}")

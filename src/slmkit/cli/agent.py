@@ -29,22 +29,21 @@ def _names(text: str) -> list[str]:
     return [n.strip() for n in text.split(",") if n.strip()]
 
 
-def _agent(options: dict, api_key: str | None):
+def _agent(options: dict, api_key: str | None, quiet: bool):
     from slmkit.agents import Agent, builtin_tools
 
     tools = builtin_tools(options["tools"], root=options["root"], allowed_hosts=options["allow_host"],
                           retriever=_retriever(options["retriever"]), requires_approval=options["require_approval"])
     return Agent(options["model"], tools, model_name=options["model_name"], api_key=api_key,
                  protocol=options["protocol"], max_steps=options["max_steps"], trace=options["trace"],
+                 on_record=None if quiet else _show,
                  **({"system_prompt": options["system"]} if options["system"] else {}))
 
 
 def _finish(run, options: dict, state: str | None, as_json: bool) -> None:
     from slmkit._io import write_text_atomic
 
-    if run.status == "paused":
-        if state is None:
-            raise InputError("a tool needs approval but no --state file was given to save the run in")
+    if run.status == "paused":  # only tools in --require-approval pause, and those need --state
         write_text_atomic(state, json.dumps({"options": options, "run": run.to_dict()}, ensure_ascii=False, indent=1))
         call = run.awaiting
         print(f"paused: {call.name}({json.dumps(call.arguments, ensure_ascii=False)}) needs approval; saved in {state}\n"
@@ -60,13 +59,13 @@ def _finish(run, options: dict, state: str | None, as_json: bool) -> None:
         sys.exit(PAUSED_EXIT if run.status == "paused" else 1)
 
 
-def _show_steps(run, start: int) -> None:
-    for record in run.trace[start:]:
-        if record["type"] == "tool":
-            print(f"  {record['call']['name']}({json.dumps(record['call']['arguments'], ensure_ascii=False)}) -> "
-                  f"{record['result'][:200]}", file=sys.stderr)
-        elif record["type"] in ("tool_error", "model_error", "protocol"):
-            print(f"  {record['type']}: {record.get('error') or record.get('reason')}", file=sys.stderr)
+def _show(record: dict) -> None:
+    """Tool calls and errors on stderr as they happen."""
+    if record["type"] == "tool":
+        print(f"  {record['call']['name']}({json.dumps(record['call']['arguments'], ensure_ascii=False)}) -> "
+              f"{record['result'][:200]}", file=sys.stderr)
+    elif record["type"] in ("tool_error", "model_error", "protocol"):
+        print(f"  {record['type']}: {record.get('error') or record.get('reason')}", file=sys.stderr)
 
 
 def cmd_run(args: argparse.Namespace) -> None:
@@ -76,11 +75,10 @@ def cmd_run(args: argparse.Namespace) -> None:
                "protocol": args.protocol, "system": args.system, "trace": args.trace}
     if options["require_approval"] and args.state is None:
         raise InputError("--require-approval needs --state FILE, where a paused run is saved for `slmkit agent resume`")
-    if args.root is not None:
-        options["root"] = str(Path(args.root).resolve())
-    run = _agent(options, args.api_key).run(args.task)
-    if not args.quiet:
-        _show_steps(run, 0)
+    for key in ("root", "trace"):  # a resume may run from another folder
+        if options[key] is not None:
+            options[key] = str(Path(options[key]).resolve())
+    run = _agent(options, args.api_key, args.quiet).run(args.task)
     _finish(run, options, args.state, args.json)
 
 
@@ -99,12 +97,9 @@ def cmd_resume(args: argparse.Namespace) -> None:
         except json.JSONDecodeError as e:
             raise InputError(f"--edit takes the call's new arguments as JSON: {e}") from None
     decision = "approve" if args.approve else "deny" if args.deny is not None else "edit" if args.edit is not None else None
-    start = len(run.trace)
     if args.trace is not None:
-        options["trace"] = args.trace
-    run = _agent(options, args.api_key).resume(run, decision, arguments=arguments, reason=args.deny or None)
-    if not args.quiet:
-        _show_steps(run, start)
+        options["trace"] = str(Path(args.trace).resolve())
+    run = _agent(options, args.api_key, args.quiet).resume(run, decision, arguments=arguments, reason=args.deny or None)
     _finish(run, options, args.state, args.json)
 
 
