@@ -94,7 +94,7 @@ def main() -> None:
         cmd()
         return time.perf_counter() - start
 
-    plain = [timed(lambda: subprocess.run([sys.executable, "-E", "-s", "-c", "pass"], check=True)) for _ in range(args.repeats)]
+    plain = [timed(lambda: subprocess.run([sys.executable, "-s", "-c", "pass"], check=True)) for _ in range(args.repeats)]
     boxed = [timed(lambda: run_python("pass")) for _ in range(args.repeats)]
     cost = {"plain_ms": 1000 * statistics.median(plain), "sandbox_ms": 1000 * statistics.median(boxed)}
     if args.json:

@@ -246,7 +246,8 @@ def test_resume_refuses_wrong_decisions():
 def test_an_agent_is_a_tool_of_another():
     with ScriptedUpstream([{"tool_calls": [call("calculator", {"expression": "6*7"})]}, "42"]) as sub_up, \
             ScriptedUpstream([{"tool_calls": [call("math_helper", {"task": "what is 6*7?"})]}, "The helper says 42."]) as up:
-        helper = Agent(sub_up.url, [calculator_tool()], name="math_helper")
+        helper_records: list = []
+        helper = Agent(sub_up.url, [calculator_tool()], name="math_helper", on_record=helper_records.append)
         boss = Agent(up.url, [helper])
         run = boss.run("ask the helper")
     assert (run.status, run.answer) == ("done", "The helper says 42.")
@@ -254,6 +255,8 @@ def test_an_agent_is_a_tool_of_another():
     assert up.requests[1]["messages"][-1]["content"] == "42"
     assert sub_up.requests[0]["messages"][-1] == {"role": "user", "content": "what is 6*7?"}
     assert run.trace[2]["type"] == "tool" and run.trace[2]["result"] == "42"
+    assert [r["type"] for r in helper_records] == ["start", "model", "tool", "model", "end"]
+    assert {(r["agent"], r["parent_run_id"]) for r in helper_records} == {("math_helper", run.run_id)}
 
 
 # ---------------------------------------------------------------------------- schemas from functions

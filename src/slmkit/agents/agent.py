@@ -134,6 +134,8 @@ class Agent:
         if run.status == "paused":
             if decision not in DECISIONS:
                 raise InputError(f"a paused run needs a decision: {', '.join(DECISIONS)} (got {decision!r})")
+            if decision == "edit" and arguments is None:
+                raise InputError("edit needs the new arguments")
             call = run.pending[0]
             self._record(run, "approval", call=call.to_dict(), decision=decision, arguments=arguments, reason=reason)
             if decision == "deny":
@@ -141,10 +143,7 @@ class Agent:
                 message = "The user denied this call." + (f" Reason: {reason}" if reason else "")
                 run.messages.append(PROTOCOLS[run.protocol]().result_message(call, message))
             else:
-                if decision == "edit":
-                    if arguments is None:
-                        raise InputError("edit needs the new arguments")
-                    call.arguments = arguments
+                call.arguments = arguments if decision == "edit" else call.arguments
                 call.approved = True
         elif run.status == "failed":
             if decision is not None:

@@ -115,7 +115,7 @@ def run_python(code: str, limits: Limits | None = None, *, filename: str = "main
     try:
         os.write(fd, code.encode("utf-8", "surrogateescape"))
         os.lseek(fd, 0, os.SEEK_SET)
-        return _run(_command(limits, fd, filename), fd, limits, isolation)
+        return _run(limits, fd, filename, isolation)
     finally:
         os.close(fd)
 
@@ -137,12 +137,17 @@ def run_file(path: str | os.PathLike, limits: Limits | None = None) -> SandboxRe
 def check_isolation() -> str:
     """Describe the isolation runs get, after checking once that it works; raise
     SandboxUnavailableError (fail closed) when it does not."""
-    tools = {name: shutil.which(name, path="/usr/bin:/bin:/usr/sbin:/sbin") for name in ("bwrap", "prlimit", "setpriv")}
+    tools = _tools()
     key = (os.geteuid(), tuple(tools.values()))
     with _probe_lock:
         if key not in _probed:
             _probed[key] = _probe(tools)
     return _probed[key]
+
+
+def _tools() -> dict[str, str | None]:
+    """Where bwrap, prlimit and setpriv are (system folders only, never a PATH the caller set)."""
+    return {name: shutil.which(name, path="/usr/bin:/bin:/usr/sbin:/sbin") for name in ("bwrap", "prlimit", "setpriv")}
 
 
 def _probe(tools: dict[str, str | None]) -> str:
@@ -159,7 +164,7 @@ def _probe(tools: dict[str, str | None]) -> str:
         os.write(fd, b"print('ok')")
         os.lseek(fd, 0, os.SEEK_SET)
         limits = Limits(timeout_s=30)
-        result = _run(_command(limits, fd, "probe.py"), fd, limits, "probe")
+        result = _run(limits, fd, "probe.py", "probe")
     finally:
         os.close(fd)
     if not result.ok or result.stdout.strip() != "ok":
@@ -172,14 +177,15 @@ def _probe(tools: dict[str, str | None]) -> str:
             f"{who}, rlimits")
 
 
-def _command(limits: Limits, code_fd: int, filename: str) -> list[str]:
-    """prlimit ... -- bwrap ... [setpriv ...] python -E -s /sandbox/FILENAME."""
-    mb = 1 << 20
+def _command(limits: Limits, code_fd: int, info_fd: int, filename: str) -> list[str]:
+    """prlimit ... -- bwrap ... [setpriv ...] python -s /sandbox/FILENAME (the environment is bwrap's
+    --setenv list alone, so Python reads its PYTHON* settings from there)."""
+    tools, mb = _tools(), 1 << 20
     nproc = limits.max_processes if os.geteuid() == 0 else _tasks_of_this_user() + limits.max_processes
-    cmd = ["prlimit", f"--cpu={limits.cpu_seconds}:{limits.cpu_seconds + 1}", f"--as={limits.memory_mb * mb}",
+    cmd = [tools["prlimit"], f"--cpu={limits.cpu_seconds}:{limits.cpu_seconds + 1}", f"--as={limits.memory_mb * mb}",
            f"--nproc={nproc}", f"--fsize={limits.max_file_mb * mb}", "--nofile=256", "--core=0", "--",
-           "bwrap", "--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts", "--unshare-cgroup-try",
-           "--die-with-parent", "--new-session", "--hostname", "sandbox"]
+           tools["bwrap"], "--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts", "--unshare-cgroup-try",
+           "--die-with-parent", "--new-session", "--hostname", "sandbox", "--info-fd", str(info_fd)]
     if os.geteuid() == 0:  # bwrap needs no user namespace; setpriv below uses these two, then drops everything
         cmd += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
     else:
@@ -195,9 +201,9 @@ def _command(limits: Limits, code_fd: int, filename: str) -> list[str]:
         cmd += ["--setenv", name, value]
     if os.geteuid() == 0:
         uid = _UID_BASE + (os.getpid() % 100_000) * 1000 + next(_uids) % 1000
-        cmd += ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--no-new-privs",
+        cmd += [tools["setpriv"], f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--no-new-privs",
                 "--inh-caps=-all", "--bounding-set=-all", "--"]
-    return cmd + [sys.executable, "-E", "-s", f"{WORK_DIR}/{filename}"]
+    return cmd + [sys.executable, "-s", f"{WORK_DIR}/{filename}"]
 
 
 def _filesystem() -> list[str]:
@@ -243,15 +249,13 @@ def _tasks_of_this_user() -> int:
     return total
 
 
-def _run(cmd: list[str], code_fd: int, limits: Limits, isolation: str) -> SandboxResult:
+def _run(limits: Limits, code_fd: int, filename: str, isolation: str) -> SandboxResult:
     # 1) start the tree in its own session; bwrap reports the pid of the namespace's init on info_w
     info_r, info_w = os.pipe()
     start = time.monotonic()
     deadline = start + limits.timeout_s
-    bwrap = cmd.index("bwrap")
-    cmd = cmd[: bwrap + 1] + ["--info-fd", str(info_w)] + cmd[bwrap + 1:]
     try:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        proc = subprocess.Popen(_command(limits, code_fd, info_w, filename), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 pass_fds=(code_fd, info_w), env={"PATH": "/usr/bin:/bin"}, start_new_session=True)
     finally:
         os.close(info_w)
