@@ -91,6 +91,9 @@ def test_a_bad_prompt_in_a_batch_names_it_and_leaves_nothing_running(server):
     assert_error(r, 400, "prompt 1: the prompt is 96 tokens")
     assert_error(post(server, "/v1/completions", {"model": "tiny", "prompt": [[5], [9999]], "max_tokens": 2}), 400,
                  "prompt 1: prompt token ids must be in")
+    too_many = state.max_active + 1
+    assert_error(post(server, "/v1/completions", {"model": "tiny", "prompt": [[5]] * too_many, "max_tokens": 1}), 400,
+                 f"{too_many} prompts in one request; this server takes at most {state.max_active}")
     assert wait_until_idle(state) and not state.loop.listeners and state.active == 0
 
 
@@ -109,7 +112,9 @@ def test_echo_returns_the_prompt_with_the_models_logprobs(client, loaded, prompt
     for t in range(1, prompt_len):
         assert lp.token_logprobs[t] == pytest.approx(float(expected[t - 1, ids[t]]), abs=1e-4)
         top = expected[t - 1].topk(2)  # keyed by token text, as OpenAI's shape is: tokens of the same text share a key
-        by_text = {tokenizer.decode_bytes([i]).decode(errors="replace"): v for i, v in zip(top.indices.tolist(), top.values.tolist())}
+        by_text = {lp.tokens[t]: lp.token_logprobs[t]}  # the chosen token, then the top 2
+        for i, v in zip(top.indices.tolist(), top.values.tolist()):
+            by_text.setdefault(tokenizer.decode_bytes([i]).decode(errors="replace"), v)
         assert list(lp.top_logprobs[t]) == list(by_text)
         assert list(lp.top_logprobs[t].values()) == pytest.approx(list(by_text.values()), abs=1e-4)
     assert lp.text_offset == [sum(len(x) for x in lp.tokens[:i]) for i in range(len(lp.tokens))]
@@ -126,7 +131,7 @@ def test_echo_with_max_tokens_0_returns_only_the_prompt(client, loaded):
     assert choice.text == prompt and choice.finish_reason == "length"
     first, *rest = choice.logprobs.token_logprobs
     assert first is None and rest == pytest.approx([float(expected[t - 1, ids[t]]) for t in range(1, len(ids))], abs=1e-4)
-    assert choice.logprobs.top_logprobs == [None] + [{}] * (len(ids) - 1)
+    assert choice.logprobs.top_logprobs[1:] == [{tok: lp} for tok, lp in zip(choice.logprobs.tokens[1:], rest)]
     assert out.usage.completion_tokens == 0 and out.usage.prompt_tokens == len(ids)
     plain = client.completions.create(model="tiny", prompt=[prompt, "hello"], max_tokens=0, echo=True)
     assert [c.text for c in plain.choices] == [prompt, "hello"] and plain.choices[0].logprobs is None

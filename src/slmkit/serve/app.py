@@ -325,6 +325,9 @@ class Server:
         """Submit and yield (index of the request, output). Whatever ends them (their last outputs,
         an error, the client going away, a cancellation) frees their slots; if they end early the
         engine aborts them."""
+        if len(requests) > self.max_active:
+            raise APIError(400, f"{len(requests)} prompts in one request; this server takes at most {self.max_active}",
+                           param="prompt")
         if self.active + len(requests) > self.max_active:
             raise APIError(429, f"the server is busy ({self.active} requests in flight); retry shortly",
                            "rate_limit_error", "queue_full", headers={"Retry-After": "1"})
@@ -437,8 +440,17 @@ class Server:
                                 for t, (lp, top) in zip(tokens, logprobs)]}
         texts = [self.token_text(t) for t in tokens]
         offsets = [offset + sum(len(x) for x in texts[:i]) for i in range(len(texts))]
+        tops = [self.top_by_text(text, e) if e else None for text, e in zip(texts, logprobs)]
         return {"tokens": texts, "token_logprobs": [e[0] if e else None for e in logprobs], "text_offset": offsets,
-                "top_logprobs": [{self.token_text(a): alp for a, alp in e[1].items()} if e else None for e in logprobs]}
+                "top_logprobs": tops}
+
+    def top_by_text(self, text: str, logprob: tuple[float, dict[int, float]]) -> dict[str, float]:
+        """The chosen token first, as OpenAI's top_logprobs hold it too (k + 1 entries at most), then the
+        top k; keys are token texts, so of tokens with the same text the first listed keeps the key."""
+        top = {text: logprob[0]}
+        for token, value in logprob[1].items():
+            top.setdefault(self.token_text(token), value)
+        return top
 
     async def events(self, stream: AsyncIterator[tuple[int, Output]], first: tuple[int, Output], head: dict,
                      pieces: Pieces, chat: bool, body: SamplingFields) -> AsyncIterator[str]:
