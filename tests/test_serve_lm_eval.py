@@ -143,3 +143,17 @@ def test_local_chat_completions_generates_what_transformers_generates(served, hf
     theirs = samples(hf_lm, "slmkit_chat", tasks, apply_chat_template=True)
     assert [s["resps"] for s in ours] == [s["resps"] for s in theirs]
     assert all(s["resps"][0][0].strip() for s in ours)  # greedy replies, not empty ones
+
+
+def test_tokenize_on_the_imported_tokenizer_equals_transformers(served, smollm2):
+    from transformers import AutoTokenizer
+
+    theirs = AutoTokenizer.from_pretrained(smollm2)
+    text = "Café, naïve: 東京 <|im_start|>user\nhi<|im_end|>  12,345"
+    r = httpx.post(served + "/tokenize", json={"prompt": text, "return_token_strs": True}).json()
+    assert r["tokens"] == theirs(text)["input_ids"]
+    assert r["token_strs"] == theirs.convert_ids_to_tokens(r["tokens"])
+    assert httpx.post(served + "/detokenize", json={"tokens": r["tokens"]}).json()["prompt"] == theirs.decode(r["tokens"])
+    messages = [{"role": "user", "content": "hi"}]
+    chat = httpx.post(served + "/tokenize", json={"messages": messages}).json()["tokens"]
+    assert chat == theirs.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
