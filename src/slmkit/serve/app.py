@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import itertools
 import logging
 import secrets
 import struct
@@ -147,9 +148,9 @@ def http_error(e: HTTPException, request: HTTPRequest) -> APIError:
 
 
 class KeyCheck:
-    """ASGI middleware: the API (/v1/..., /tokenize, /detokenize) and its documentation need the key; /health and /metrics
-    do not. (A plain ASGI class: Starlette's @app.middleware wrapper would hide client
-    disconnects from the handlers.)"""
+    """ASGI middleware: the API (/v1/..., /tokenize, /detokenize) and its documentation need the
+    key; /health and /metrics do not. (A plain ASGI class: Starlette's @app.middleware wrapper
+    would hide client disconnects from the handlers.)"""
 
     def __init__(self, app, server: "Server", protected: set[str | None]) -> None:
         self.app, self.server, self.protected = app, server, protected
@@ -227,6 +228,7 @@ class Piece:
     tokens: list[int]  # the tokens its logprobs are of
     logprobs: list
     finish_reason: str | None
+    first: bool = False  # the choice's first piece
 
 
 @dataclass
@@ -245,8 +247,8 @@ class Pieces:
 
     def next(self, i: int, out: Output) -> tuple[int, Piece]:
         index = i * self.requests[i].n + out.index
-        piece = Piece("", [], [], out.finish_reason)
-        if index not in self.started:
+        piece = Piece("", [], [], out.finish_reason, first=index not in self.started)
+        if piece.first:
             self.started.add(index)
             if self.echo is not None:
                 piece.text = self.echo[i]
@@ -439,7 +441,7 @@ class Server:
             return {"content": [{**entry(t, lp), "top_logprobs": [entry(a, alp) for a, alp in top.items()]}
                                 for t, (lp, top) in zip(tokens, logprobs)]}
         texts = [self.token_text(t) for t in tokens]
-        offsets = [offset + sum(len(x) for x in texts[:i]) for i in range(len(texts))]
+        offsets = list(itertools.accumulate((len(x) for x in texts[:-1]), initial=offset)) if texts else []
         tops = [self.top_by_text(text, e) if e else None for text, e in zip(texts, logprobs)]
         return {"tokens": texts, "token_logprobs": [e[0] if e else None for e in logprobs], "text_offset": offsets,
                 "top_logprobs": tops}
@@ -457,7 +459,6 @@ class Server:
         import json
 
         kind = "chat.completion.chunk" if chat else "text_completion"
-        started: set[int] = set()
         text_lengths: dict[int, int] = {}  # each choice's text so far: where its next tokens' text_offset starts
         logprobs_asked = pieces.requests[0].logprobs is not None
 
@@ -478,9 +479,8 @@ class Server:
                             if logprobs_asked and piece.tokens else None)
                 if chat:
                     delta = {"content": piece.text} if piece.text or piece.finish_reason is None else {}
-                    if index not in started:
+                    if piece.first:
                         delta = {"role": "assistant", **delta}
-                        started.add(index)
                     choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": piece.finish_reason}
                 else:
                     choice = {"index": index, "text": piece.text, "logprobs": logprobs, "finish_reason": piece.finish_reason}
