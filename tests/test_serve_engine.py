@@ -15,6 +15,7 @@ from slmkit.model.transformer import Transformer
 from slmkit.serve.engine import Engine, Request
 from slmkit.serve.kv_pages import BlockManager
 from slmkit.serve.speculative import DraftModel, MTPDrafter
+from slmkit.tokenizer import train_bpe
 
 # init_std 0.3 spreads the logits of a random model, so greedy choices are not near-ties
 TINY = {"vocab_size": 128, "context_length": 64, "d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "head_dim": 8,
@@ -268,6 +269,108 @@ def test_mtp_drafter_with_adapters_in_the_batch(tmp_path):
     assert engine.drafted > 0
 
 
+def full_forward_logprobs(model, prompt):
+    with torch.no_grad():
+        return torch.log_softmax(model(torch.tensor([prompt]))[0].float(), -1)
+
+
+def prompt_logprobs_of(engine, requests):
+    """Each request's prompt logprobs (from its first output) and output tokens, stepping the engine."""
+    ids = [engine.submit(r) for r in requests]
+    scored, tokens = {}, {rid: [] for rid in ids}
+    while engine.has_work():
+        for out in engine.step():
+            if out.prompt_logprobs is not None:
+                assert out.request_id not in scored  # delivered once, with the first output
+                scored[out.request_id] = out.prompt_logprobs
+            tokens[out.request_id] += out.token_ids
+    return [scored[rid] for rid in ids], [tokens[rid] for rid in ids]
+
+
+@pytest.mark.parametrize("engine_kw", [
+    {"max_batch_tokens": 64},  # every prompt in one pass
+    {"max_batch_tokens": 8},  # prompts prefilled in chunks of up to 8 tokens
+    {"max_batch_tokens": 16, "num_blocks": 12},  # a pool too small: sequences are preempted and recomputed
+])
+def test_prompt_logprobs_are_the_full_forward_pass_log_softmax(engine_kw):
+    model = tiny()
+    ps = prompts([1, 5, 17, 33, 9])
+    engine = Engine(model, block_size=4, **engine_kw)
+    scored, tokens = prompt_logprobs_of(engine, [Request(p, max_tokens=12, stop_tokens=[], prompt_logprobs=2) for p in ps])
+    assert tokens == reference(model, ps, 12)  # scoring the prompt changes nothing of the output
+    for p, got in zip(ps, scored):
+        expected = full_forward_logprobs(model, p)
+        assert len(got) == len(p) and got[0] is None
+        for t in range(1, len(p)):
+            logprob, top = got[t]
+            assert logprob == pytest.approx(float(expected[t - 1, p[t]]), abs=1e-4)
+            assert list(top) == expected[t - 1].topk(2).indices.tolist()
+            assert list(top.values()) == pytest.approx(expected[t - 1].topk(2).values.tolist(), abs=1e-4)
+    if "num_blocks" in engine_kw:
+        assert engine.preemptions > 0
+    assert engine.blocks.num_free == engine.blocks.num_blocks
+
+
+def test_prompt_logprobs_are_computed_not_read_from_the_prefix_cache():
+    model = tiny()
+    p = prompts([20])[0]
+    engine = Engine(model, block_size=4)
+    engine.generate([Request(p, max_tokens=2, stop_tokens=[])])  # its full blocks are now cached
+    scored, _ = prompt_logprobs_of(engine, [Request(p, max_tokens=2, stop_tokens=[], prompt_logprobs=0)])
+    expected = full_forward_logprobs(model, p)
+    assert [lp for lp, _ in scored[0][1:]] == pytest.approx([float(expected[t - 1, p[t]]) for t in range(1, 20)], abs=1e-4)
+    engine.submit(Request(p, max_tokens=2, stop_tokens=[]))
+    assert engine.step()[0].cached_tokens == 16  # the request without prompt logprobs still hits the cache
+
+
+def test_logit_bias_min_tokens_and_stop_token_ids_act_on_their_own_sequence_only():
+    """Four requests in one batch, each with its own setting; every one gives what it gives alone."""
+    model = tiny()
+    p = prompts([6])[0]
+    plain = reference(model, [p], 8)[0]
+    stop_id = next(t for i, t in enumerate(plain) if t not in plain[:i] and i >= 2)
+    biased = [Request(p, max_tokens=8, stop_tokens=[], logit_bias={5: 100.0}),
+              Request(p, max_tokens=8, stop_tokens=[5], logit_bias={5: 100.0}, min_tokens=3),
+              Request(p, max_tokens=8, stop_tokens=[], stop_token_ids=[stop_id]),
+              Request(p, max_tokens=8, stop_tokens=[])]
+    engine = Engine(model, block_size=4, max_batch_tokens=64)
+    together = [out[0] for out in engine.generate(biased)]
+    alone = [Engine(model, block_size=4).generate([r])[0][0] for r in biased]
+    assert together == alone
+    assert together[0] == [5] * 8  # +100 makes token 5 the greedy choice
+    assert len(together[1]) == 3 and 5 not in together[1]  # 5 stops it, but only once 3 tokens are out
+    assert together[2] == plain[: plain.index(stop_id)]
+    assert together[3] == plain
+
+
+def test_min_tokens_holds_back_stop_strings_too():
+    """As in vLLM, a stop string counts only in tokens past min_tokens."""
+    tokenizer = train_bpe(["AAAA hello there, hello again. " * 20], 270)
+    model = tiny(vocab_size=tokenizer.vocab_size)
+    [a] = tokenizer.encode("A")
+    engine = Engine(model, tokenizer, block_size=4)
+    request = dict(prompt=tokenizer.encode("hello"), max_tokens=8, stop=["A"], stop_tokens=[], logit_bias={a: 100.0})
+    ids = [engine.submit(Request(**request)), engine.submit(Request(**request, min_tokens=3))]
+    texts, reasons = dict.fromkeys(ids, ""), {}
+    while engine.has_work():
+        for out in engine.step():
+            texts[out.request_id] += out.text
+            reasons[out.request_id] = out.finish_reason
+    assert [texts[i] for i in ids] == ["", "AAA"] and [reasons[i] for i in ids] == ["stop", "stop"]
+
+
+def test_logprobs_zero_is_served_beside_a_drafter():
+    """logprobs 0 (the chosen token's logprob alone) takes no drafts: every token gets its logprob."""
+    model = tiny()
+    engine = Engine(model, block_size=4, drafter=DraftModel(model), num_draft=3)
+    engine.submit(Request(prompts([5])[0], max_tokens=10, stop_tokens=[], logprobs=0))
+    outs = []
+    while engine.has_work():
+        outs += engine.step()
+    assert sum(len(o.token_ids) for o in outs) == 10 and sum(len(o.logprobs) for o in outs) == 10
+    assert engine.drafted == 0
+
+
 @pytest.mark.parametrize("request_kw, message", [
     ({"prompt": []}, "prompt is empty"),
     ({"prompt": [1] * 64}, "context is 64"),
@@ -276,6 +379,11 @@ def test_mtp_drafter_with_adapters_in_the_batch(tmp_path):
     ({"prompt": [1], "n": 100}, "n must be between 1 and"),
     ({"prompt": [1], "adapter": "nope"}, "unknown adapter 'nope'"),
     ({"prompt": [500]}, "prompt token ids must be in"),
+    ({"prompt": [1], "logit_bias": {500: 1.0}}, "logit_bias token ids must be in"),
+    ({"prompt": [1], "logit_bias": {5: 101.0}}, "logit_bias values must be between -100 and 100"),
+    ({"prompt": [1], "stop_token_ids": [128]}, "stop_token_ids token ids must be in"),
+    ({"prompt": [1], "max_tokens": 4, "min_tokens": 5}, "min_tokens must be between 0 and max_tokens"),
+    ({"prompt": [1], "prompt_logprobs": 21}, "prompt_logprobs must be between 0 and 20"),
 ])
 def test_bad_requests_are_rejected(request_kw, message):
     with pytest.raises(InputError, match=message):

@@ -252,15 +252,17 @@ def test_health_reports_a_stuck_engine(model_dir):
 @pytest.mark.parametrize("path, extra", [
     ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}),
     ("/v1/chat/completions", {"response_format": {"type": "json_object"}}),
-    ("/v1/chat/completions", {"tool_choice": "auto", "logit_bias": {"5": 100}}),
-    ("/v1/completions", {"echo": True}),
-    ("/v1/completions", {"logit_bias": {"5": 100}}),
+    ("/v1/chat/completions", {"tool_choice": "auto", "parallel_tool_calls": True}),
+    ("/v1/completions", {"suffix": "x"}),
+    ("/v1/completions", {"best_of": 2}),
     ("/v1/embeddings", {"dimensions": 8}),
+    ("/tokenize", {"chat_template": "{{ messages }}"}),
 ])
 def test_unsupported_fields_are_400s_that_name_them(server, path, extra):
     bodies = {"/v1/chat/completions": {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
               "/v1/completions": {"model": "tiny", "prompt": "hi", "max_tokens": 2},
-              "/v1/embeddings": {"model": "tiny", "input": "hi"}}
+              "/v1/embeddings": {"model": "tiny", "input": "hi"},
+              "/tokenize": {"messages": [{"role": "user", "content": "hi"}]}}
     r = post(server, path, {**bodies[path], **extra})
     names = ", ".join(repr(k) for k in extra)
     assert_error(r, 400, f"{names}: this server does not implement")

@@ -182,7 +182,8 @@ def test_logprobs_and_n(client):
     for choice in out.choices:
         lp = choice.logprobs
         assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs)
-        assert all(x <= 0 for x in lp.token_logprobs) and all(len(t) <= 2 for t in lp.top_logprobs)
+        assert all(x <= 0 for x in lp.token_logprobs) and all(len(t) <= 3 for t in lp.top_logprobs)  # the chosen + top 2
+        assert all(t[token] == x for token, x, t in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs))
 
 
 def test_metrics_report_engine_state_and_latencies(server, client):

@@ -44,8 +44,8 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
     p = commands.add_parser(
         "serve", parents=[common], help="serve a model over an OpenAI-compatible HTTP API",
         description="Serve MODEL_DIR at /v1/models, /v1/completions, /v1/chat/completions (streaming with "
-                    "stream: true), /v1/embeddings, /health and /metrics (Prometheus), with continuous batching over "
-                    "a paged KV cache. Adapters under MODEL_DIR/adapters/ are served by name. SIGTERM or Ctrl-C stops "
+                    "stream: true), /v1/embeddings, /tokenize, /detokenize, /health and /metrics (Prometheus), "
+                    "with continuous batching over a paged KV cache. Adapters under MODEL_DIR/adapters/ are served by name. SIGTERM or Ctrl-C stops "
                     "accepting requests, lets running ones finish (up to 30 s) and exits 0.")
     p.add_argument("model", metavar="MODEL_DIR", help="model directory")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1; 0.0.0.0 for all)")

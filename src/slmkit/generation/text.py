@@ -25,10 +25,11 @@ class TextStream:
         self.emitted = 0  # characters of `text` already returned
         self.stopped = False  # a stop string was found; further tokens are ignored
 
-    def push(self, token_id: int) -> str:
+    def push(self, token_id: int, find_stops: bool = True) -> str:
+        """`find_stops` False: stop strings are not looked for in what this token adds (vLLM's min_tokens)."""
         if self.stopped:
             return ""
-        return self._add(self.decoder.decode(self.tokenizer.decode_bytes([token_id])))
+        return self._add(self.decoder.decode(self.tokenizer.decode_bytes([token_id])), find_stops)
 
     def finish(self) -> str:
         """The text still held back, once generation has ended."""
@@ -39,15 +40,15 @@ class TextStream:
         self.emitted = len(self.text)
         return delta + rest
 
-    def _add(self, new: str) -> str:
+    def _add(self, new: str, find_stops: bool = True) -> str:
         start = max(0, len(self.text) - max((len(s) for s in self.stop), default=0) + 1)
         self.text += new
-        hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
+        hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0] if find_stops else []
         if hits:
             self.text, self.stopped = self.text[: min(hits)], True
             safe = len(self.text)
         else:
-            safe = len(self.text) - self._held_back()
+            safe = len(self.text) - (self._held_back() if find_stops else 0)
         delta = self.text[self.emitted : safe]
         self.emitted = max(self.emitted, safe)
         return delta

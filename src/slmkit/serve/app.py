@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import itertools
 import logging
 import secrets
 import struct
@@ -18,10 +19,11 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 from contextlib import asynccontextmanager
-from typing import Annotated, Any, Literal
+from dataclasses import dataclass, field
+from typing import Any
 
 from slmkit.chat import ChatFormat
-from slmkit.errors import InputError, MissingExtraError
+from slmkit.errors import InputError, MissingExtraError, TokenizerError
 from slmkit.generation.api import encode_prompt
 from slmkit.generation.sampling import SamplingParams
 from slmkit.serve.engine import Engine, Output, Request
@@ -33,10 +35,13 @@ try:
     from fastapi import Request as HTTPRequest
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, Response, StreamingResponse
-    from pydantic import BaseModel, ConfigDict, Field
     from starlette.exceptions import HTTPException
 except ImportError:
     raise MissingExtraError("fastapi", "serve") from None
+
+from slmkit.serve.protocol import (APIError, ChatBody, ChatMessage, CompletionBody, DetokenizeBody, EmbeddingBody,
+                                   SamplingFields, TokenizeBody, TokenizeChat, TokenizeText, error_body,
+                                   validation_error)
 
 log = logging.getLogger("slmkit.serve")
 
@@ -120,119 +125,12 @@ class EngineLoop:
         self.thread.join(timeout)
 
 
-# ---------------------------------------------------------------------------- request bodies
-# Strict: an unknown field is an error (a feature this server lacks is never silently ignored), and
-# no coercion (true is not 1, "yes" is not true). Ranges are OpenAI's; they appear in /openapi.json.
-def finite(default: Any = None, **bounds: float) -> Any:
-    """A float field that refuses NaN and the infinities (Python's JSON parser accepts both)."""
-    return Field(default, allow_inf_nan=False, **bounds)
-
-
-class Body(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-
-class StreamOptions(Body):
-    include_usage: bool = False
-
-
-class SamplingFields(Body):
-    model: str
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = finite(ge=0, le=2)
-    top_p: float | None = finite(gt=0, le=1)
-    top_k: int | None = Field(None, ge=1)
-    min_p: float | None = finite(ge=0, le=1)
-    frequency_penalty: float = finite(0.0, ge=-2, le=2)
-    presence_penalty: float = finite(0.0, ge=-2, le=2)
-    repetition_penalty: float | None = finite(gt=0)
-    seed: int | None = Field(None, ge=0, lt=2**64)
-    stop: str | Annotated[list[str], Field(max_length=16)] | None = None
-    n: int = Field(1, ge=1)
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    ignore_eos: bool = False
-
-
-class CompletionBody(SamplingFields):
-    prompt: str | list[int]
-    logprobs: int | None = Field(None, ge=0, le=20)
-
-
-class ChatMessage(Body):
-    role: Literal["system", "user", "assistant"]  # the roles chat templates render; tool messages are not served yet
-    content: str
-
-
-class ChatBody(SamplingFields):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
-
-
-class EmbeddingBody(Body):
-    model: str
-    input: str | list[str] | list[int] | list[list[int]]
-    encoding_format: Literal["float", "base64"] = "float"
-
-
-class APIError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None,
-                 param: str | None = None, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.kind, self.code, self.param, self.headers = status, message, kind, code, param, headers
-
-
-def error_body(e: APIError) -> dict:
-    return {"error": {"message": e.message, "type": e.kind, "param": e.param, "code": e.code}}
-
-
 def error_response(e: APIError) -> JSONResponse:
     return JSONResponse(error_body(e), status_code=e.status, headers=e.headers)
 
 
 GENERATION_FAILED = APIError(500, "generation failed on the server (its log has the cause); other requests are unaffected",
                              "server_error", "generation_failed")
-
-
-_BOUNDS = {"greater_than_equal": ("ge", ">="), "greater_than": ("gt", ">"), "less_than_equal": ("le", "<="),
-           "less_than": ("lt", "<")}
-
-
-_UNION_TAGS = {"str", "int", "float", "bool", "list", "dict"}
-
-
-def _field_path(loc: tuple) -> str:
-    """("body", "messages", 0, "role") -> "messages.0.role"; pydantic's union-member tags are left out."""
-    return ".".join(str(p) for p in loc[1:] if isinstance(p, int) or ("[" not in p and p not in _UNION_TAGS))
-
-
-def validation_error(errors: list[dict]) -> APIError:
-    """One OpenAI-shaped 400 for pydantic's errors: every unsupported field named, else the first problem."""
-    if any(e.get("type") == "json_invalid" for e in errors):
-        return APIError(400, "the request body is not valid JSON", code="invalid_json")
-    extra = [_field_path(e["loc"]) for e in errors if e.get("type") == "extra_forbidden"]
-    if extra:
-        names = ", ".join(repr(x) for x in extra)
-        return APIError(400, f"unsupported field{'s' * (len(extra) > 1)} {names}: this server does not implement "
-                             f"{'them' if len(extra) > 1 else 'it'}; remove {'them' if len(extra) > 1 else 'it'} from the request",
-                        param=extra[0], code="unsupported_field")
-    first = max(errors, key=lambda e: len(e.get("loc", ()))) if errors else {}  # in a union: the member that got furthest
-    where = _field_path(first.get("loc", ())) or "body"
-    kind, ctx = first.get("type", ""), first.get("ctx") or {}
-    if kind in _BOUNDS:
-        key, op = _BOUNDS[kind]
-        bound = ctx.get(key)
-        bound = int(bound) if isinstance(bound, float) and bound.is_integer() else bound
-        message = f"{where} must be {op} {bound}, not {first.get('input')!r}"
-    elif kind == "finite_number":
-        message = f"{where} must be a finite number"
-    elif kind == "missing":
-        message = f"{where} is required"
-    else:
-        message = f"{where}: {first.get('msg', 'invalid value')}"
-    return APIError(400, message, param=None if where == "body" else where)
 
 
 def http_error(e: HTTPException, request: HTTPRequest) -> APIError:
@@ -250,9 +148,9 @@ def http_error(e: HTTPException, request: HTTPRequest) -> APIError:
 
 
 class KeyCheck:
-    """ASGI middleware: the API (/v1/...) and its documentation need the key; /health and /metrics
-    do not. (A plain ASGI class: Starlette's @app.middleware wrapper would hide client
-    disconnects from the handlers.)"""
+    """ASGI middleware: the API (/v1/..., /tokenize, /detokenize) and its documentation need the
+    key; /health and /metrics do not. (A plain ASGI class: Starlette's @app.middleware wrapper
+    would hide client disconnects from the handlers.)"""
 
     def __init__(self, app, server: "Server", protected: set[str | None]) -> None:
         self.app, self.server, self.protected = app, server, protected
@@ -313,6 +211,64 @@ async def _put_none_on_disconnect(http: HTTPRequest, queue: asyncio.Queue) -> No
 
 
 # ---------------------------------------------------------------------------- the server
+_FIELDS = set(CompletionBody.model_fields) | set(ChatBody.model_fields)
+
+
+def _param_of(message: str) -> str | None:
+    """The request field an engine error names first ("min_tokens must be ..."), as OpenAI's `param`."""
+    word = message.split(" ", 1)[0]
+    return word if word in _FIELDS else None
+
+
+@dataclass
+class Piece:
+    """What one engine output adds to its choice."""
+
+    text: str
+    tokens: list[int]  # the tokens its logprobs are of
+    logprobs: list
+    finish_reason: str | None
+    first: bool = False  # the choice's first piece
+
+
+@dataclass
+class Pieces:
+    """Engine outputs -> pieces of choices: choice `i * n + j` is completion j of requests[i]. With
+    `echo` (each prompt's text) a choice starts with its prompt, and its prompt tokens' logprobs when
+    asked; `echo_only` (max_tokens 0) drops the one token generated. Adds up the usage."""
+
+    requests: list[Request]
+    echo: list[str] | None = None
+    echo_only: bool = False
+    started: set[int] = field(default_factory=set)
+    prompt_tokens: dict[int, int] = field(default_factory=dict)
+    cached_tokens: dict[int, int] = field(default_factory=dict)
+    completion_tokens: int = 0
+
+    def next(self, i: int, out: Output) -> tuple[int, Piece]:
+        index = i * self.requests[i].n + out.index
+        piece = Piece("", [], [], out.finish_reason, first=index not in self.started)
+        if piece.first:
+            self.started.add(index)
+            if self.echo is not None:
+                piece.text = self.echo[i]
+                if out.prompt_logprobs is not None:
+                    piece.tokens, piece.logprobs = list(self.requests[i].prompt), list(out.prompt_logprobs)
+        if self.echo_only:
+            piece.finish_reason = out.finish_reason and "length"
+        else:
+            piece.text += out.text
+            piece.tokens += out.token_ids
+            piece.logprobs += out.logprobs
+            self.completion_tokens += len(out.token_ids)
+        self.prompt_tokens[i], self.cached_tokens[i] = out.prompt_tokens, out.cached_tokens
+        return index, piece
+
+    def usage(self) -> tuple[int, int, int]:
+        """prompt tokens (each prompt once), completion tokens, prompt tokens found in the prefix cache."""
+        return sum(self.prompt_tokens.values()), self.completion_tokens, sum(self.cached_tokens.values())
+
+
 class Server:
     """Turns OpenAI requests into engine requests and engine outputs into OpenAI responses."""
 
@@ -346,7 +302,7 @@ class Server:
                        code="model_not_found", param="model")
 
     def engine_request(self, body: SamplingFields, prompt: list[int], stop_tokens: list[int] | None,
-                       logprobs: int | None, max_tokens: int | None) -> Request:
+                       logprobs: int | None, max_tokens: int | None, prompt_logprobs: int | None = None) -> Request:
         d = self.defaults
         pick = lambda value, name, fallback: value if value is not None else d.get(name, fallback)
         room = self.engine.context - len(prompt)
@@ -361,28 +317,41 @@ class Server:
         except InputError as e:
             raise APIError(400, str(e)) from None
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        bias = {int(token): value for token, value in (body.logit_bias or {}).items()}
         return Request(prompt, max_tokens, params, stop, [] if body.ignore_eos else stop_tokens, body.n, body.seed,
-                       logprobs, self.adapter_for(body.model))
+                       logprobs, self.adapter_for(body.model), prompt_logprobs=prompt_logprobs, logit_bias=bias,
+                       min_tokens=body.min_tokens, stop_token_ids=list(body.stop_token_ids or []))
 
     # -------------------------------------------------------------- generation
-    async def outputs(self, http: HTTPRequest, request: Request) -> AsyncIterator[Output]:
-        """Submit and yield the outputs. Whatever ends the request (its last output, an error, the
-        client going away, a cancellation) frees its slot; if it ends early the engine aborts it."""
-        if self.active >= self.max_active:
+    async def outputs(self, http: HTTPRequest, requests: list[Request]) -> AsyncIterator[tuple[int, Output]]:
+        """Submit and yield (index of the request, output). Whatever ends them (their last outputs,
+        an error, the client going away, a cancellation) frees their slots; if they end early the
+        engine aborts them."""
+        if len(requests) > self.max_active:
+            raise APIError(400, f"{len(requests)} prompts in one request; this server takes at most {self.max_active}",
+                           param="prompt")
+        if self.active + len(requests) > self.max_active:
             raise APIError(429, f"the server is busy ({self.active} requests in flight); retry shortly",
                            "rate_limit_error", "queue_full", headers={"Retry-After": "1"})
         queue: asyncio.Queue[Output | None] = asyncio.Queue()
+        ids: list[str] = []
         try:
-            request_id = self.loop.submit(request, queue)
-        except InputError as e:
-            raise APIError(400, str(e)) from None
-        self.active += 1
+            for request in requests:
+                ids.append(self.loop.submit(request, queue))
+        except BaseException as e:
+            self._drop(ids)
+            if isinstance(e, InputError):
+                where = f"prompt {len(ids)}: " if len(requests) > 1 else ""
+                raise APIError(400, where + str(e), param=_param_of(str(e))) from None
+            raise
+        order = {request_id: i for i, request_id in enumerate(ids)}
+        self.active += len(requests)
         finished = False
         watcher = asyncio.create_task(_put_none_on_disconnect(http, queue))  # one waiter per request, none per token
         try:
-            self.metrics.prompt_tokens.inc(len(request.prompt) * request.n)
+            self.metrics.prompt_tokens.inc(sum(len(r.prompt) * r.n for r in requests))
             start = last = time.perf_counter()
-            remaining, first = request.n, True
+            remaining, first = sum(r.n for r in requests), True
             while remaining:
                 out = await queue.get()
                 if out is None:  # the client went away, perhaps before the first token
@@ -400,15 +369,19 @@ class Server:
                 if out.finish_reason:
                     remaining -= 1
                     self.metrics.requests.labels(out.finish_reason).inc()
-                yield out
+                yield order[out.request_id], out
                 if out.finish_reason == "error":
                     return  # the rest of the request is aborted below
             finished = True
         finally:
             watcher.cancel()
-            self.active -= 1
+            self.active -= len(requests)
+            self._drop(ids, abort=not finished)
+
+    def _drop(self, request_ids: list[str], abort: bool = True) -> None:
+        for request_id in request_ids:
             self.loop.listeners.pop(request_id, None)
-            if not finished:
+            if abort:
                 self.loop.abort(request_id)
 
     def token_text(self, token: int) -> str:
@@ -418,12 +391,16 @@ class Server:
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                 "total_tokens": prompt_tokens + completion_tokens, "prompt_tokens_details": {"cached_tokens": cached}}
 
-    async def respond(self, http: HTTPRequest, body: SamplingFields, request: Request, chat: bool) -> Response:
-        """A whole response, or server-sent events ending in `data: [DONE]` when streaming."""
+    async def respond(self, http: HTTPRequest, body: SamplingFields, requests: list[Request], chat: bool,
+                      echo: list[str] | None = None, echo_only: bool = False) -> Response:
+        """A whole response, or server-sent events ending in `data: [DONE]` when streaming. Choice
+        `i * n + j` is completion j of requests[i]; `echo` the prompt texts each choice starts with
+        (`echo_only`: and nothing else)."""
         kind = "chat.completion" if chat else "text_completion"
         head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model}
+        pieces = Pieces(requests, echo, echo_only)
         if body.stream:
-            stream = self.outputs(http, request)
+            stream = self.outputs(http, requests)
             try:
                 first = await anext(stream)  # errors (429, 400) surface here, before the 200 is sent
             except StopAsyncIteration:  # the client went away before the first token
@@ -431,24 +408,22 @@ class Server:
             except BaseException:
                 await stream.aclose()
                 raise
-            if first.finish_reason == "error":
+            if first[1].finish_reason == "error":
                 await stream.aclose()
                 raise GENERATION_FAILED
-            return StreamingResponse(self.events(stream, first, head, request, chat, body), media_type="text/event-stream")
+            return StreamingResponse(self.events(stream, first, head, pieces, chat, body), media_type="text/event-stream")
         choices: dict[int, dict] = {}  # filled as outputs come: `n` is validated only when the engine takes the request
-        prompt_tokens = cached = 0
-        async for out in self.outputs(http, request):
+        async for i, out in self.outputs(http, requests):
             if out.finish_reason == "error":
                 raise GENERATION_FAILED
-            c = choices.setdefault(out.index, {"tokens": [], "text": "", "logprobs": [], "finish_reason": None})
-            c["tokens"] += out.token_ids
-            c["text"] += out.text
-            c["logprobs"] += out.logprobs
-            c["finish_reason"] = out.finish_reason or c["finish_reason"]
-            prompt_tokens, cached = out.prompt_tokens, out.cached_tokens
-        completion_tokens = sum(len(c["tokens"]) for c in choices.values())
-        return JSONResponse({**head, "object": kind, "usage": self.usage(prompt_tokens, completion_tokens, cached),
-                             "choices": [self.choice(i, choices[i], request, chat) for i in sorted(choices)]})
+            index, piece = pieces.next(i, out)
+            c = choices.setdefault(index, {"tokens": [], "text": "", "logprobs": [], "finish_reason": None})
+            c["tokens"] += piece.tokens
+            c["text"] += piece.text
+            c["logprobs"] += piece.logprobs
+            c["finish_reason"] = piece.finish_reason or c["finish_reason"]
+        return JSONResponse({**head, "object": kind, "usage": self.usage(*pieces.usage()),
+                             "choices": [self.choice(i, choices[i], requests[0], chat) for i in sorted(choices)]})
 
     def choice(self, index: int, c: dict, request: Request, chat: bool) -> dict:
         logprobs = self.logprobs(c["tokens"], c["logprobs"], chat) if request.logprobs is not None else None
@@ -457,7 +432,8 @@ class Server:
                     "finish_reason": c["finish_reason"]}
         return {"index": index, "text": c["text"], "logprobs": logprobs, "finish_reason": c["finish_reason"]}
 
-    def logprobs(self, tokens: list[int], logprobs: list, chat: bool) -> dict:
+    def logprobs(self, tokens: list[int], logprobs: list, chat: bool, offset: int = 0) -> dict:
+        """Chat's `content` list, or the completions shape; an echoed prompt's first token has no logprob (null)."""
         if chat:
             def entry(token: int, lp: float) -> dict:
                 text = self.token_text(token)
@@ -465,67 +441,115 @@ class Server:
             return {"content": [{**entry(t, lp), "top_logprobs": [entry(a, alp) for a, alp in top.items()]}
                                 for t, (lp, top) in zip(tokens, logprobs)]}
         texts = [self.token_text(t) for t in tokens]
-        offsets = [sum(len(x) for x in texts[:i]) for i in range(len(texts))]
-        return {"tokens": texts, "token_logprobs": [lp for lp, _ in logprobs], "text_offset": offsets,
-                "top_logprobs": [{self.token_text(a): alp for a, alp in top.items()} for _, top in logprobs]}
+        offsets = list(itertools.accumulate((len(x) for x in texts[:-1]), initial=offset)) if texts else []
+        tops = [self.top_by_text(text, e) if e else None for text, e in zip(texts, logprobs)]
+        return {"tokens": texts, "token_logprobs": [e[0] if e else None for e in logprobs], "text_offset": offsets,
+                "top_logprobs": tops}
 
-    async def events(self, stream: AsyncIterator[Output], first: Output, head: dict, request: Request, chat: bool,
-                     body: SamplingFields) -> AsyncIterator[str]:
+    def top_by_text(self, text: str, logprob: tuple[float, dict[int, float]]) -> dict[str, float]:
+        """The chosen token first, as OpenAI's top_logprobs hold it too (k + 1 entries at most), then the
+        top k; keys are token texts, so of tokens with the same text the first listed keeps the key."""
+        top = {text: logprob[0]}
+        for token, value in logprob[1].items():
+            top.setdefault(self.token_text(token), value)
+        return top
+
+    async def events(self, stream: AsyncIterator[tuple[int, Output]], first: tuple[int, Output], head: dict,
+                     pieces: Pieces, chat: bool, body: SamplingFields) -> AsyncIterator[str]:
         import json
 
         kind = "chat.completion.chunk" if chat else "text_completion"
-        started: set[int] = set()
-        counts = [0] * request.n
-        prompt_tokens = cached = 0
+        text_lengths: dict[int, int] = {}  # each choice's text so far: where its next tokens' text_offset starts
+        logprobs_asked = pieces.requests[0].logprobs is not None
 
         async def all_outputs():
             yield first
-            async for out in stream:
-                yield out
+            async for item in stream:
+                yield item
 
         try:
-            async for out in all_outputs():
+            async for i, out in all_outputs():
                 if out.finish_reason == "error":
                     yield f"data: {json.dumps(error_body(GENERATION_FAILED))}\n\n"
                     return
-                prompt_tokens, cached = out.prompt_tokens, out.cached_tokens
-                counts[out.index] += len(out.token_ids)
-                logprobs = (self.logprobs(out.token_ids, out.logprobs, chat)
-                            if request.logprobs is not None and out.token_ids else None)
+                index, piece = pieces.next(i, out)
+                offset = text_lengths.get(index, 0)
+                text_lengths[index] = offset + len(piece.text)
+                logprobs = (self.logprobs(piece.tokens, piece.logprobs, chat, offset)
+                            if logprobs_asked and piece.tokens else None)
                 if chat:
-                    delta = {"content": out.text} if out.text or out.finish_reason is None else {}
-                    if out.index not in started:
+                    delta = {"content": piece.text} if piece.text or piece.finish_reason is None else {}
+                    if piece.first:
                         delta = {"role": "assistant", **delta}
-                        started.add(out.index)
-                    choice = {"index": out.index, "delta": delta, "logprobs": logprobs, "finish_reason": out.finish_reason}
+                    choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": piece.finish_reason}
                 else:
-                    choice = {"index": out.index, "text": out.text, "logprobs": logprobs, "finish_reason": out.finish_reason}
+                    choice = {"index": index, "text": piece.text, "logprobs": logprobs, "finish_reason": piece.finish_reason}
                 yield f"data: {json.dumps({**head, 'object': kind, 'choices': [choice]})}\n\n"
             if body.stream_options is not None and body.stream_options.include_usage:
-                usage = self.usage(prompt_tokens, sum(counts), cached)
+                usage = self.usage(*pieces.usage())
                 yield f"data: {json.dumps({**head, 'object': kind, 'choices': [], 'usage': usage})}\n\n"
             yield "data: [DONE]\n\n"
         finally:
             await stream.aclose()  # a client that went away: abort the request now
 
     # -------------------------------------------------------------- endpoints
-    async def completions(self, http: HTTPRequest, body: CompletionBody) -> Response:
-        prompt = encode_prompt(self.tokenizer, body.prompt) if isinstance(body.prompt, str) else body.prompt
-        request = self.engine_request(body, prompt, None, body.logprobs, body.max_tokens)
-        return await self.respond(http, body, request, chat=False)
+    def echo_texts(self, batch: list[str] | list[list[int]]) -> list[str]:
+        """The text each choice of a prompt starts with under `echo`: the prompt as sent, token ids decoded."""
+        try:
+            return [p if isinstance(p, str) else self.tokenizer.decode(p) for p in batch]
+        except TokenizerError as e:  # token ids outside the vocabulary
+            raise APIError(400, f"prompt: {e}", param="prompt") from None
 
-    async def chat(self, http: HTTPRequest, body: ChatBody) -> Response:
+    async def completions(self, http: HTTPRequest, body: CompletionBody) -> Response:
+        if body.max_tokens == 0 and not body.echo:
+            raise APIError(400, "max_tokens must be >= 1, not 0 (0 is for echo: the prompt and its logprobs alone)",
+                           param="max_tokens")
+        batch = body.prompt if body.prompt and isinstance(body.prompt, list) and not isinstance(body.prompt[0], int) else [body.prompt]
+        echo = self.echo_texts(batch) if body.echo else None
+        echo_only = body.max_tokens == 0  # one token is generated and dropped, as vLLM does
+        prompt_logprobs = body.logprobs if body.echo else None
+        requests = [self.engine_request(body, encode_prompt(self.tokenizer, p) if isinstance(p, str) else p, None,
+                                        body.logprobs, 1 if echo_only else body.max_tokens, prompt_logprobs)
+                    for p in batch]
+        return await self.respond(http, body, requests, chat=False, echo=echo, echo_only=echo_only)
+
+    def chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
         if self.chat_format is None:
             raise APIError(400, "this model has no chat template (no chat_template in tokenizer_config.json and no "
                                 "ChatML tokens); use /v1/completions")
         try:
-            prompt = self.chat_format.prompt_ids([m.model_dump() for m in body.messages])
+            return self.chat_format.encode([m.for_template() for m in messages], add_generation_prompt).ids
         except InputError as e:
             raise APIError(400, str(e)) from None
+
+    async def chat(self, http: HTTPRequest, body: ChatBody) -> Response:
+        prompt = self.chat_prompt(body.messages)
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         request = self.engine_request(body, prompt, self.chat_format.stop_tokens, logprobs, max_tokens)
-        return await self.respond(http, body, request, chat=True)
+        return await self.respond(http, body, [request], chat=True)
+
+    def tokenize(self, body: TokenizeText | TokenizeChat) -> dict:
+        """vLLM's /tokenize: the ids of a prompt (as /v1/completions encodes text, plus the tokenizer's
+        own additions with add_special_tokens) or of a chat's prompt (as /v1/chat/completions builds it)."""
+        if body.model is not None:
+            self.adapter_for(body.model)
+        if isinstance(body, TokenizeChat):
+            ids = self.chat_prompt(body.messages, body.add_generation_prompt)
+        elif body.add_special_tokens:
+            ids = self.tokenizer.encode_with_template(body.prompt)
+        else:
+            ids = self.tokenizer.encode(body.prompt, allowed_special="all")
+        strs = [self.tokenizer.vocab_piece(t) for t in ids] if body.return_token_strs else None
+        return {"count": len(ids), "max_model_len": self.engine.context, "tokens": ids, "token_strs": strs}
+
+    def detokenize(self, body: DetokenizeBody) -> dict:
+        if body.model is not None:
+            self.adapter_for(body.model)
+        try:
+            return {"prompt": self.tokenizer.decode(body.tokens)}
+        except TokenizerError as e:
+            raise APIError(400, f"tokens: {e}", param="tokens") from None
 
     async def embeddings(self, body: EmbeddingBody) -> Response:
         self.adapter_for(body.model)
@@ -623,7 +647,16 @@ def create_app(
     async def embeddings(body: EmbeddingBody) -> Response:
         return await server.embeddings(body)
 
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeBody) -> dict:
+        return server.tokenize(body)
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeBody) -> dict:
+        return server.detokenize(body)
+
     app.add_middleware(BodyLimit, limit=max_body_bytes)
     app.add_middleware(KeyCheck, server=server,
-                       protected={app.openapi_url, app.docs_url, app.redoc_url, app.swagger_ui_oauth2_redirect_url})
+                       protected={app.openapi_url, app.docs_url, app.redoc_url, app.swagger_ui_oauth2_redirect_url,
+                                  "/tokenize", "/detokenize"})
     return app

@@ -99,19 +99,25 @@ class Engine:
             raise InputError(f"n must be between 1 and {self.max_seqs}, not {request.n}")
         if request.seed is not None and not 0 <= request.seed <= 2**64 - request.n:  # completion i uses seed + i
             raise InputError(f"seed must be in [0, 2^64 - n], not {request.seed}")
-        if request.seed is not None and not 0 <= request.seed <= 2**64 - request.n:  # completion i uses seed + i
-            raise InputError(f"seed must be in [0, 2^64 - n], not {request.seed}")
         need = -(-(len(request.prompt) + request.max_tokens) // self.block_size)
         if need > self.blocks.num_blocks:
             raise InputError(f"the request needs {need} KV blocks; the pool has {self.blocks.num_blocks}")
         if request.adapter is not None and (self.lora is None or request.adapter not in self.lora.names):
             names = ", ".join(n for n in (self.lora.names if self.lora else []) if n) or "none"
             raise InputError(f"unknown adapter {request.adapter!r}; loaded: {names}")
-        if request.logprobs is not None and not 0 <= request.logprobs <= 20:
-            raise InputError(f"logprobs must be between 0 and 20, not {request.logprobs}")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(request, name)
+            if k is not None and not 0 <= k <= 20:
+                raise InputError(f"{name} must be between 0 and 20, not {k}")
+        if not 0 <= request.min_tokens <= request.max_tokens:
+            raise InputError(f"min_tokens must be between 0 and max_tokens ({request.max_tokens}), not {request.min_tokens}")
         vocab = self.model.cfg.vocab_size
-        if any(not 0 <= t < vocab for t in request.prompt):
-            raise InputError(f"prompt token ids must be in [0, {vocab})")
+        for name, ids in (("prompt", request.prompt), ("stop_token_ids", request.stop_token_ids),
+                          ("logit_bias", request.logit_bias)):
+            if any(not 0 <= t < vocab for t in ids):
+                raise InputError(f"{name} token ids must be in [0, {vocab})")
+        if any(not -100 <= b <= 100 for b in request.logit_bias.values()):
+            raise InputError("logit_bias values must be between -100 and 100")
 
     def submit(self, request: Request) -> str:
         """Queue a request (validated now, admitted at the next step); returns its id."""
@@ -167,7 +173,7 @@ class Engine:
             parts = self._run_one_by_one(batch, outputs)
         for part, result in parts:
             self._observe(part, result.last_hidden)
-            choices = sample(part, result.logits)
+            choices = sample(part, result.logits, result.prompt_logits)
             outputs += self.scheduler.postprocess(part, choices)
             self.drafted += sum(c.drafted for c in choices if c is not None)
             self.accepted += sum(c.accepted for c in choices if c is not None)

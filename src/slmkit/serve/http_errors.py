@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from slmkit.serve.app import APIError, error_body
+from slmkit.serve.protocol import APIError, error_body
 
 
 def malformed_request_body(msg: str) -> bytes:

@@ -1,16 +1,17 @@
 """The tokens each sequence of a step gets, from the logits the runner computed.
 
-A sequence without drafts gets one token: its request's penalties and sampling settings applied
-to the logits of its last fed token, drawn with its own generator, with logprobs when asked. A
-sequence with drafts (speculative decoding, greedy only) keeps its drafts while they match the
-target model's greedy choice, then the target's own token there, so the output is exactly
-greedy decoding.
+A sequence without drafts gets one token: its request's logit bias, held-back stop tokens
+(`min_tokens`), penalties and sampling settings applied to the logits of its last fed token, drawn
+with its own generator, with logprobs when asked. A sequence with drafts (speculative decoding,
+greedy only) keeps its drafts while they match the target model's greedy choice, then the
+target's own token there, so the output is exactly greedy decoding. A sequence that asked for
+prompt logprobs also gets those of the prompt tokens its step fed.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -33,32 +34,60 @@ class Choice:
     drafted: int = 0
     accepted: int = 0
     failed: bool = False  # sampling raised: this sequence ends with finish_reason "error", the batch goes on
+    prompt_logprobs: list[Logprob] = field(default_factory=list)  # of the prompt tokens after `Scheduled.prompt_rows`
 
 
-def sample(batch: list[Scheduled], logits: torch.Tensor | None) -> list[Choice | None]:
-    """One `Choice` per scheduled sequence (None while it is still prefilling). `logits` has a row
-    per chosen position, in batch order: for each sampling sequence, its last fed token's and then
-    one per draft (`ModelRunner.run`)."""
+def sample(batch: list[Scheduled], logits: torch.Tensor | None, prompt_logits: torch.Tensor | None = None) -> list[Choice | None]:
+    """One `Choice` per scheduled sequence (None while it is still prefilling and scores no prompt
+    tokens). `logits` has a row per chosen position, in batch order: for each sampling sequence,
+    its last fed token's and then one per draft; `prompt_logits` a row per `prompt_rows` offset,
+    in batch order (`ModelRunner.run`)."""
     choices: list[Choice | None] = []
-    at = 0
+    at = prompt_at = 0
     for item in batch:
+        scored = []
+        if item.prompt_rows:
+            rows = prompt_logits[prompt_at : prompt_at + len(item.prompt_rows)]
+            prompt_at += len(item.prompt_rows)
+            scored = prompt_logprobs(item, rows)
         if not item.samples:
-            choices.append(None)
+            choices.append(Choice([], [], prompt_logprobs=scored) if scored else None)
             continue
         rows = logits[at : at + len(item.drafts) + 1]
         at += len(item.drafts) + 1
         try:
-            choices.append(verify(item.drafts, rows) if item.drafts else next_token(item.seq, rows[0]))
+            choice = verify(item.drafts, rows) if item.drafts else next_token(item.seq, rows[0])
         except Exception:  # one sequence's failure ends that sequence, not the batch
             log.exception("sampling failed for %s; ending it with finish_reason 'error'", item.seq.request.request_id)
-            choices.append(Choice([], [], failed=True))
+            choice = Choice([], [], failed=True)
+        choice.prompt_logprobs = scored
+        choices.append(choice)
     return choices
+
+
+def prompt_logprobs(item: Scheduled, logits: torch.Tensor) -> list[Logprob]:
+    """logits [len(prompt_rows), vocab] -> each next prompt token's logprob and the request's top-k."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    first, end = item.start + item.prompt_rows.start + 1, item.start + item.prompt_rows.stop + 1
+    targets = torch.tensor(item.seq.tokens[first:end], device=logits.device)
+    chosen = logprobs.gather(1, targets[:, None])[:, 0].tolist()
+    k = item.seq.request.prompt_logprobs
+    if not k:
+        return [(lp, {}) for lp in chosen]
+    top = torch.topk(logprobs, k)
+    return [(lp, dict(zip(ids, values))) for lp, ids, values in zip(chosen, top.indices.tolist(), top.values.tolist())]
 
 
 def next_token(seq: SequenceState, logits: torch.Tensor) -> Choice:
     """logits [vocab] of the sequence's last token -> its next token, under its request's settings."""
     request, params = seq.request, seq.request.params
     raw = logits
+    if request.logit_bias:
+        ids = torch.tensor(list(request.logit_bias), device=logits.device)
+        logits = logits.index_add(0, ids, torch.tensor(list(request.logit_bias.values()), device=logits.device,
+                                                       dtype=logits.dtype))
+    if seq.holds_stops and seq.stop_tokens:
+        logits = logits.index_fill(0, torch.tensor(sorted(seq.stop_tokens), device=logits.device), float("-inf"))
     if params.needs_history:
         vocab = logits.shape[-1]
         seen = torch.zeros(1, vocab, dtype=torch.bool, device=logits.device)

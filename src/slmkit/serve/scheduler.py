@@ -35,6 +35,7 @@ class Scheduled:
     tokens: list[int]
     drafts: list[int]
     samples: bool  # the sequence's last token is fed: the step chooses its next token(s)
+    prompt_rows: range = range(0)  # offsets in `tokens` whose logits score the prompt token after them
 
 
 class Scheduler:
@@ -89,7 +90,7 @@ class Scheduler:
                 budget -= count
         while self.waiting and budget > 0 and len(self.running) < self.max_seqs:
             seq = self.waiting[0]
-            if not seq.blocks:
+            if not seq.blocks and not seq.needs_prompt_logprobs:  # cached blocks have no logits to score the prompt with
                 seq.blocks, seq.hashes = self.blocks.match_prefix(seq.tokens, seq.request.adapter or "")
                 seq.num_computed = len(seq.blocks) * self.block_size
                 seq.cached_tokens = max(seq.cached_tokens, min(seq.num_computed, seq.prompt_len))
@@ -107,7 +108,11 @@ class Scheduler:
     @staticmethod
     def _scheduled(seq: SequenceState, count: int, drafts: list[int]) -> Scheduled:
         start, own = seq.num_computed, count - len(drafts)
-        return Scheduled(seq, start, seq.tokens[start : start + own] + drafts, drafts, start + own == len(seq.tokens))
+        rows = range(0)
+        if seq.needs_prompt_logprobs:  # position p scores prompt token p + 1; those already scored are skipped
+            first = max(start, len(seq.prompt_logprobs) - 1)
+            rows = range(first - start, min(start + own, seq.prompt_len - 1) - start)
+        return Scheduled(seq, start, seq.tokens[start : start + own] + drafts, drafts, start + own == len(seq.tokens), rows)
 
     def _drafts(self, seq: SequenceState) -> list[int]:
         if self.drafter is None or not seq.can_speculate:
@@ -142,6 +147,9 @@ class Scheduler:
             seq.num_computed = item.start + len(item.tokens) - len(item.drafts) + (choice.accepted if choice else 0)
             self._register_full_blocks(seq)
             if choice is None:
+                continue
+            seq.prompt_logprobs += choice.prompt_logprobs
+            if not item.samples:
                 continue
             out = seq.output("error") if choice.failed else seq.append(choice.tokens, choice.logprobs, self.context)
             if out.finish_reason is not None:

@@ -17,7 +17,11 @@ from slmkit.tokenizer import Tokenizer
 @dataclass
 class Request:
     """What a client asks for. `stop_tokens` None means the tokenizer's end-of-text token;
-    `logprobs` k returns each chosen token's log-probability and the k most likely ones."""
+    `stop_token_ids` end the completion too, whatever `stop_tokens` is (vLLM's `ignore_eos` empties
+    only the latter). `logprobs` k returns each chosen token's log-probability and the k most likely
+    ones; `prompt_logprobs` k the same for every prompt token after the first (from the prefill
+    pass). `logit_bias` {token: bias} is added to the logits before sampling; `min_tokens` holds
+    back the stop tokens and stop strings until that many tokens are out."""
 
     prompt: list[int]
     max_tokens: int = 16
@@ -29,6 +33,10 @@ class Request:
     logprobs: int | None = None
     adapter: str | None = None
     request_id: str = ""
+    prompt_logprobs: int | None = None
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    min_tokens: int = 0
+    stop_token_ids: Sequence[int] = ()
 
 
 Logprob = tuple[float, dict[int, float]]  # a chosen token's logprob, and the top alternatives'
@@ -46,6 +54,7 @@ class Output:
     finish_reason: str | None = None  # "stop", "length", "abort" or "error" on the last output
     prompt_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens found in the prefix cache
+    prompt_logprobs: list[Logprob | None] | None = None  # on the first output, when asked: None for the first token
 
 
 @dataclass(eq=False)  # compared by identity: the scheduler looks sequences up in its lists
@@ -64,6 +73,7 @@ class SequenceState:
     blocks: list[int] = field(default_factory=list)
     hashes: list[bytes] = field(default_factory=list)  # keys of the leading full blocks
     cached_tokens: int = 0
+    prompt_logprobs: list[Logprob | None] = field(default_factory=lambda: [None])  # of prompt tokens 0, 1, ...
 
     @classmethod
     def start(cls, seq_id: int, request: Request, index: int, tokenizer: Tokenizer | None, device: torch.device) -> SequenceState:
@@ -74,7 +84,8 @@ class SequenceState:
         seed = None if request.seed is None else request.seed + index
         generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
         text = TextStream(tokenizer, request.stop) if tokenizer is not None else None
-        return cls(seq_id, request, index, list(request.prompt), time.perf_counter(), generator, text, frozenset(stops))
+        return cls(seq_id, request, index, list(request.prompt), time.perf_counter(), generator, text,
+                   frozenset(stops) | frozenset(request.stop_token_ids))
 
     @property
     def prompt_len(self) -> int:
@@ -85,11 +96,22 @@ class SequenceState:
         return len(self.tokens) - self.prompt_len
 
     @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Prompt logprobs were asked and some prompt tokens have none yet (so they must be computed, not cached)."""
+        return self.request.prompt_logprobs is not None and len(self.prompt_logprobs) < self.prompt_len
+
+    @property
+    def holds_stops(self) -> bool:
+        """`min_tokens` not reached yet: stop tokens are masked and stop strings not looked for."""
+        return self.num_output < self.request.min_tokens
+
+    @property
     def can_speculate(self) -> bool:
-        """Drafts are verified against greedy choices, so only greedy requests without penalties
-        or logprobs can take them."""
-        params = self.request.params
-        return params.greedy and not params.needs_history and not self.request.logprobs
+        """Drafts are verified against greedy choices of the raw logits, so only greedy requests
+        without penalties, logit bias, held-back stops or logprobs can take them."""
+        params, request = self.request.params, self.request
+        return (params.greedy and not params.needs_history and request.logprobs is None and not request.logit_bias
+                and not self.holds_stops)
 
     def output(self, finish_reason: str | None = None) -> Output:
         """An empty output of this completion, to fill with new tokens."""
@@ -99,16 +121,19 @@ class SequenceState:
         """Add chosen tokens, ending the completion on a stop token (not added), a stop string, its
         `max_tokens` or the model's `context`; returns what is new (finish_reason set at the end)."""
         out = self.output()
+        if self.num_output == 0 and self.request.prompt_logprobs is not None:
+            out.prompt_logprobs = list(self.prompt_logprobs)
         for token, logprob in zip(tokens, logprobs):
             if token in self.stop_tokens:
                 out.finish_reason = "stop"
                 break
+            find_stops = not self.holds_stops  # before this token: vLLM looks for stop strings past min_tokens
             self.tokens.append(token)
             out.token_ids.append(token)
             if logprob is not None:
                 out.logprobs.append(logprob)
             if self.text is not None:
-                out.text += self.text.push(token)
+                out.text += self.text.push(token, find_stops)
                 if self.text.stopped:
                     out.finish_reason = "stop"
                     break

@@ -104,6 +104,10 @@ class HFTokenizer(Tokenizer):
         """Ids as transformers gives them by default: with the post-processor's tokens (e.g. BOS)."""
         return self.hf.encode(self._prepare(text), add_special_tokens=True).ids
 
+    def vocab_piece(self, token_id: int) -> str:
+        self.decode_bytes([token_id])  # the same range check as slmkit's own tokenizer
+        return self.hf.id_to_token(token_id)
+
     # ----------------------------------------------------------------- decoding
     @cached_property
     def _token_bytes(self) -> list[bytes]:

@@ -128,6 +128,11 @@ class Tokenizer:
         special id) or removed from `disallowed_special` (then they are encoded as plain text)."""
         return self.encode_batch([text], allowed_special=allowed_special, disallowed_special=disallowed_special)[0]
 
+    def encode_with_template(self, text: str) -> list[int]:
+        """Ids as transformers gives them by default: special-token strings matched, and what the
+        post-processor adds (nothing for slmkit's own tokenizers; an imported Llama 3's BOS)."""
+        return self.encode(text, allowed_special="all")
+
     def encode_ordinary(self, text: str) -> list[int]:
         """Text -> ids, with special-token strings encoded as ordinary text (never a special id)."""
         if not self.added_tokens:
@@ -246,6 +251,13 @@ class Tokenizer:
     def token_piece(self, token_id: int) -> str:
         """A readable form of one token, for display."""
         return self.decode_bytes([token_id]).decode("utf-8", errors="backslashreplace")
+
+    def vocab_piece(self, token_id: int) -> str:
+        """The token as tokenizer.json spells it, as transformers' convert_ids_to_tokens gives it ('Ġthe')."""
+        from slmkit.tokenizer.pretokenize import token_to_str
+
+        names = {i: name for name, i in {**self.added_tokens, **self.special_tokens}.items()}
+        return names[token_id] if token_id in names else token_to_str(self.decode_bytes([token_id]))
 
     # ----------------------------------------------------------------- files
     def save(self, directory: str | os.PathLike) -> Path:
