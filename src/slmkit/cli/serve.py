@@ -24,7 +24,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     serve(args.model, args.host, args.port, api_key=args.api_key, adapters=_adapters(args.adapter),
           max_batch_tokens=args.max_batch_tokens, max_seqs=args.max_seqs, max_queue=args.max_queue,
-          kv_blocks=args.kv_blocks, kv_memory=args.kv_memory, max_context=args.max_context, block_size=args.block_size, prefix_caching=not args.no_prefix_caching,
+          kv_blocks=args.kv_blocks, kv_memory=args.kv_memory, max_context=args.max_context, block_size=args.block_size,
+          prefix_caching=not args.no_prefix_caching,
           draft_model=args.draft_model, draft_layers=args.draft_layers, draft_mtp=args.draft_mtp, num_draft=args.num_draft,
           model_name=args.model_name, device=args.device, dtype=args.dtype)
 
@@ -86,8 +87,8 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
     p = bench_cmds.add_parser(
         "serve", parents=[common], help="load-test a running server",
         description="Send streaming completions of random prompts to an OpenAI-compatible server (slmkit's, "
-                    "llama.cpp's, vLLM, ...) and report TTFT, TPOT, ITL and E2EL (mean/p50/p95/p99), request and token "
-                    "throughput, with vLLM's definitions, and the reasons of failed requests.")
+                    "llama-cpp-python's, vLLM, ...) and report TTFT, TPOT, ITL and E2EL (mean/p50/p95/p99), request "
+                    "and token throughput, with vLLM's definitions, and the reasons of failed requests.")
     p.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL (default: http://127.0.0.1:8000)")
     p.add_argument("--concurrency", type=int, default=32, help="requests in flight at most (default: 32)")
     p.add_argument("--requests", type=int, default=200, help="requests to send (default: 200)")

@@ -1,5 +1,5 @@
 """`slmkit bench serve`: load-test an OpenAI-compatible completions endpoint: slmkit's own server,
-or another one (llama.cpp's, vLLM, ...).
+or another one (llama-cpp-python's, vLLM, ...).
 
 Metrics follow vLLM's benchmark_serving:
   TTFT   time to first token: request sent -> first streamed chunk with text
@@ -9,11 +9,11 @@ Metrics follow vLLM's benchmark_serving:
   request throughput = completed requests / wall time; output throughput = output tokens / wall time
 Every request asks for exactly `max_tokens` tokens (`ignore_eos`), as vLLM's random dataset does.
 Prompts are `prompt_len` random token ids (sent as a token array) for slmkit, whose byte tokens
-exist in every vocabulary; servers that take only text (llama.cpp's answers token arrays with a
-500) get `prompt_len` random common English words instead, about one token each. Output tokens
-are the usage chunk's count when the server sends one, else one per streamed chunk with text
-(servers stream one token per chunk). A failed request keeps its reason: the status code and the
-server's error message, or the transport error; the result groups them with counts.
+exist in every vocabulary; other servers, some of which take only text (llama-cpp-python's
+answers token arrays with a 500), get `prompt_len` random common English words, about one token
+each. Output tokens are the usage chunk's count when the server sends one, else one per streamed
+chunk with text (servers stream one token per chunk). A failed request keeps its reason: the
+status code and the server's error message, or the transport error; the result groups them.
 """
 
 from __future__ import annotations

@@ -87,20 +87,19 @@ def kv_budget(kv_memory: float | str | None, available: int | None, device_type:
     """Bytes the pool may take, and where that figure comes from. `kv_memory`: a fraction of the
     available memory (0.3 or "30%"), or an amount ("4GB", "512MB"; a bare number above 1 is GiB);
     None: the device's default share (`KV_FRACTION`)."""
-    fraction, amount = KV_FRACTION.get(device_type, 0.25), None
+    fraction = KV_FRACTION.get(device_type, 0.25)
     if kv_memory is not None:
-        text = str(kv_memory).strip().lower().replace(" ", "")
-        match = re.fullmatch(r"(\d+(?:\.\d*)?|\.\d+)(%|gib|gb|g|mib|mb|m)?", text)
-        value = float(match.group(1)) if match else 0.0
-        if value <= 0 or (match.group(2) == "%" and value > 100):
+        match = re.fullmatch(r"(\d+(?:\.\d*)?|\.\d+)(%|gib|gb|g|mib|mb|m)?", str(kv_memory).strip().lower().replace(" ", ""))
+        value, unit = (float(match.group(1)), match.group(2) or "") if match else (0.0, "")
+        if value <= 0 or (unit == "%" and value > 100):
             raise InputError(f"--kv-memory takes a fraction of the available memory (0.3, 30%) or an amount "
                              f"(4GB, 512MB), not {kv_memory!r}")
-        unit = match.group(2) or ("" if value <= 1 else "gb")
-        fraction = value / 100 if unit == "%" else value if unit == "" else None
-        if fraction is None:
-            amount = int(value * (MIB if unit.startswith("m") else GIB))
-    if amount is not None:
-        return amount, "--kv-memory"
+        if unit == "%":
+            fraction = value / 100
+        elif not unit and value <= 1:
+            fraction = value
+        else:
+            return int(value * (MIB if unit.startswith("m") else GIB)), "--kv-memory"
     if available is None:
         raise InputError("cannot tell how much memory is free on this system; give --kv-memory as an amount (4GB) "
                          "or --kv-blocks")
