@@ -1,10 +1,14 @@
 """Where a model runs and in which dtype: every command's --device and --dtype resolve here.
 
 `auto` device: CUDA, then MPS (Apple GPUs), then CPU. `auto` dtype: float32 on CPU and MPS,
-bfloat16 on CUDA GPUs that support it, float16 on older ones.
+bfloat16 on CUDA GPUs that support it, float16 on older ones. `available_memory` says how much
+room a device has left, for whatever sizes itself to the machine (the serving KV cache).
 """
 
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 import torch
 
@@ -61,3 +65,58 @@ def resolve(device: str | torch.device | None = "auto", dtype: str | torch.dtype
     """(device, dtype) from their names, the device first: `auto` dtype depends on it."""
     resolved = resolve_device(device)
     return resolved, resolve_dtype(dtype, resolved)
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes new tensors on `device` can take now, or None when the system does not say. CUDA:
+    free device memory plus what torch's caching allocator holds unused. CPU and MPS (whose memory
+    is the system's): the RAM the kernel counts as available, within a container's cgroup limit."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    ram = _available_ram()
+    headroom = _cgroup_headroom()
+    return ram if headroom is None else headroom if ram is None else min(ram, headroom)
+
+
+def _available_ram() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux), else psutil's figure, else free pages (sysconf)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        import psutil
+    except ImportError:
+        pass
+    else:
+        return int(psutil.virtual_memory().available)
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+CGROUP = Path("/sys/fs/cgroup")
+# (limit, usage, the memory.stat key of reclaimable page cache) for cgroup v2, then v1
+CGROUP_FILES = (("memory.max", "memory.current", "inactive_file"),
+                ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes", "total_inactive_file"))
+
+
+def _cgroup_headroom() -> int | None:
+    """What the container's memory limit leaves: limit - (usage - inactive page cache), the working
+    set that container runtimes count; None without a limit."""
+    for limit_file, usage_file, inactive_key in CGROUP_FILES:
+        try:
+            limit = (CGROUP / limit_file).read_text().strip()
+            if limit == "max" or int(limit) >= 1 << 60:  # v1 writes "no limit" as a huge number
+                continue
+            usage = int((CGROUP / usage_file).read_text())
+            stat = (CGROUP / limit_file).with_name("memory.stat").read_text().split()
+        except (OSError, ValueError):
+            continue
+        inactive = dict(zip(stat[::2], stat[1::2])).get(inactive_key, "0")
+        return max(0, int(limit) - usage + int(inactive))
+    return None

@@ -24,7 +24,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     serve(args.model, args.host, args.port, api_key=args.api_key, adapters=_adapters(args.adapter),
           max_batch_tokens=args.max_batch_tokens, max_seqs=args.max_seqs, max_queue=args.max_queue,
-          kv_blocks=args.kv_blocks, block_size=args.block_size, prefix_caching=not args.no_prefix_caching,
+          kv_blocks=args.kv_blocks, kv_memory=args.kv_memory, max_context=args.max_context, block_size=args.block_size,
+          prefix_caching=not args.no_prefix_caching,
           draft_model=args.draft_model, draft_layers=args.draft_layers, draft_mtp=args.draft_mtp, num_draft=args.num_draft,
           model_name=args.model_name, device=args.device, dtype=args.dtype)
 
@@ -33,7 +34,8 @@ def cmd_bench_serve(args: argparse.Namespace) -> None:
     from slmkit.serve.bench import bench_serve
 
     result = bench_serve(args.url, args.concurrency, args.requests, args.prompt_len, args.max_tokens,
-                         args.request_rate, args.model, args.api_key, args.vocab_size, args.seed)
+                         args.request_rate, args.model, args.api_key, args.vocab_size, args.seed,
+                         prompt_kind=args.prompt_kind)
     print(json.dumps(result.to_dict(), indent=2) if args.json else result.table())
     if args.output:
         with open(args.output, "w", encoding="utf-8") as f:
@@ -59,8 +61,15 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
     p.add_argument("--max-seqs", metavar="N", type=int, default=64, help="sequences in the running batch (default: 64)")
     p.add_argument("--max-queue", metavar="N", type=int, default=256,
                    help="requests allowed to wait beyond the running batch; more get 429 (default: 256)")
+    p.add_argument("--kv-memory", metavar="SIZE",
+                   help="memory for the KV cache: a fraction of what is available once the model is loaded (0.5, "
+                        "50%%) or an amount (4GB, 512MB; a bare number above 1 is GB) (default: 0.25 of the RAM "
+                        "available on CPU, 0.8 of the free memory on CUDA, at most --max-seqs full-context sequences)")
     p.add_argument("--kv-blocks", metavar="N", type=int,
-                   help="KV-cache blocks to preallocate (default: room for --max-seqs full-context sequences)")
+                   help="KV-cache blocks to preallocate, instead of sizing the cache from memory")
+    p.add_argument("--max-context", metavar="N", type=int,
+                   help="longest sequence served, prompt and output, in tokens (default: the model's context, at "
+                        "most what the KV cache holds)")
     p.add_argument("--block-size", metavar="N", type=int, default=16, help="tokens per KV-cache block (default: 16)")
     p.add_argument("--no-prefix-caching", action="store_true", help="do not reuse the KV blocks of shared prompt prefixes")
     p.add_argument("--draft-model", metavar="DIR", help="speculative decoding with this smaller model (same tokenizer)")
@@ -77,8 +86,9 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
     bench_cmds = bench.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
     p = bench_cmds.add_parser(
         "serve", parents=[common], help="load-test a running server",
-        description="Send streaming completions of random token-id prompts to an OpenAI-compatible server and report "
-                    "TTFT, TPOT, ITL and E2EL (mean/p50/p95/p99), request and token throughput, with vLLM's definitions.")
+        description="Send streaming completions of random prompts to an OpenAI-compatible server (slmkit's, "
+                    "llama-cpp-python's, vLLM, ...) and report TTFT, TPOT, ITL and E2EL (mean/p50/p95/p99), request "
+                    "and token throughput, with vLLM's definitions, and the reasons of failed requests.")
     p.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL (default: http://127.0.0.1:8000)")
     p.add_argument("--concurrency", type=int, default=32, help="requests in flight at most (default: 32)")
     p.add_argument("--requests", type=int, default=200, help="requests to send (default: 200)")
@@ -88,6 +98,9 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
                    help="requests per second, Poisson arrivals (default: inf, all at once)")
     p.add_argument("--model", help="model name (default: the first of /v1/models)")
     p.add_argument("--api-key", metavar="KEY", help="API key of the server")
+    p.add_argument("--prompt-kind", choices=("auto", "ids", "text"), default="auto",
+                   help="prompts as random token ids or as random words (about one token each); auto: ids for a "
+                        "slmkit server, text for others (default: auto)")
     p.add_argument("--vocab-size", type=int, help="draw prompt ids below this (default: 256, the byte tokens)")
     p.add_argument("--seed", type=int, default=0, help="seed of prompts and arrivals (default: 0)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")

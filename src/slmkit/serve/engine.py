@@ -25,10 +25,11 @@ from typing import Any
 
 import torch
 
+from slmkit.devices import available_memory
 from slmkit.errors import InputError
 from slmkit.model.transformer import Transformer
 from slmkit.serve.adapters import MultiLoRA
-from slmkit.serve.kv_pages import BlockManager
+from slmkit.serve.kv_pages import BlockManager, plan_pool
 from slmkit.serve.runner import ModelRunner, StepResult
 from slmkit.serve.sampler import sample
 from slmkit.serve.scheduler import Scheduled, Scheduler
@@ -42,9 +43,11 @@ log = logging.getLogger("slmkit.serve")
 
 
 class Engine:
-    """Continuous-batching generation for one model. `num_blocks` defaults to room for
-    `max_seqs` full-context sequences; `drafter` turns on speculative decoding of greedy requests
-    (`DraftModel`, or `MTPDrafter` for a model with multi-token-prediction modules)."""
+    """Continuous-batching generation for one model. The KV pool holds `num_blocks` blocks, or
+    as many as `kv_memory` (a fraction of the memory left on the model's device, or an amount;
+    see `plan_pool`) allows, up to `max_seqs` sequences of `max_context` tokens (default: the
+    model's context; never more than the pool holds). `drafter` turns on speculative decoding of
+    greedy requests (`DraftModel`, or `MTPDrafter` for a model with multi-token-prediction modules)."""
 
     def __init__(
         self,
@@ -52,6 +55,8 @@ class Engine:
         tokenizer: Tokenizer | None = None,
         *,
         num_blocks: int | None = None,
+        kv_memory: float | str | None = None,
+        max_context: int | None = None,
         block_size: int = 16,
         max_batch_tokens: int = 512,
         max_seqs: int = 64,
@@ -66,12 +71,16 @@ class Engine:
                              f"attention_kind={cfg.attention_kind!r} models cannot be served yet")
         self.model, self.tokenizer = model.eval(), tokenizer
         model.use_decoding_layout()
-        self.context, self.block_size, self.max_seqs = cfg.context_length, block_size, max_seqs
-        num_blocks = num_blocks or max_seqs * -(-cfg.context_length // block_size)
         self.lora = MultiLoRA(model, adapters) if adapters else None
-        self.runner = ModelRunner(model, num_blocks, block_size, self.lora)
-        self.scheduler = Scheduler(BlockManager(num_blocks, block_size, prefix_caching), max_batch_tokens, max_seqs,
-                                   self.context, drafter, num_draft)
+        weight = model.embed_tokens.weight  # the pool takes the model's device and dtype
+        self.pool_plan = plan_pool(cfg, weight.dtype, available_memory(weight.device), device_type=weight.device.type,
+                                   kv_memory=kv_memory, num_blocks=num_blocks, block_size=block_size,
+                                   max_seqs=max_seqs, max_context=max_context)
+        log.info(self.pool_plan.describe())
+        self.context, self.block_size, self.max_seqs = self.pool_plan.context, block_size, max_seqs
+        self.runner = ModelRunner(model, self.pool_plan.num_blocks, block_size, self.lora)
+        self.scheduler = Scheduler(BlockManager(self.pool_plan.num_blocks, block_size, prefix_caching), max_batch_tokens,
+                                   max_seqs, self.context, drafter, num_draft)
         self.drafter = drafter
         # decided once: isinstance on a runtime-checkable Protocol costs ~60 us, more than a decode step's bookkeeping
         self.hidden_drafter = drafter if isinstance(drafter, HiddenStateDrafter) else None
@@ -87,21 +96,22 @@ class Engine:
         """Raise InputError for a request that can never be served."""
         if not request.prompt:
             raise InputError("the prompt is empty; give at least one token")
+        name, why = "the model's context", ""
+        if self.context < self.model.cfg.context_length:
+            name, why = "the served context", (f" (the model's is {self.model.cfg.context_length}; --max-context or the "
+                                               "KV cache's size limits it)")
         if len(request.prompt) >= self.context:
-            raise InputError(f"the prompt is {len(request.prompt)} tokens; this model's context is {self.context} tokens, "
+            raise InputError(f"the prompt is {len(request.prompt)} tokens; {name} is {self.context} tokens{why}, "
                              "so the prompt must be shorter to leave room for output")
         if request.max_tokens < 1:
             raise InputError(f"max_tokens must be at least 1, not {request.max_tokens}")
         if len(request.prompt) + request.max_tokens > self.context:
             raise InputError(f"max_tokens {request.max_tokens} plus the prompt's {len(request.prompt)} tokens exceed "
-                             f"the model's context of {self.context} tokens; lower max_tokens")
+                             f"{name} of {self.context} tokens{why}; lower max_tokens")
         if not 1 <= request.n <= self.max_seqs:
             raise InputError(f"n must be between 1 and {self.max_seqs}, not {request.n}")
         if request.seed is not None and not 0 <= request.seed <= 2**64 - request.n:  # completion i uses seed + i
             raise InputError(f"seed must be in [0, 2^64 - n], not {request.seed}")
-        need = -(-(len(request.prompt) + request.max_tokens) // self.block_size)
-        if need > self.blocks.num_blocks:
-            raise InputError(f"the request needs {need} KV blocks; the pool has {self.blocks.num_blocks}")
         if request.adapter is not None and (self.lora is None or request.adapter not in self.lora.names):
             names = ", ".join(n for n in (self.lora.names if self.lora else []) if n) or "none"
             raise InputError(f"unknown adapter {request.adapter!r}; loaded: {names}")
