@@ -23,11 +23,17 @@ Ranking = list[tuple[int, float]]  # (chunk id, score), best first
 
 
 def bm25(index: Index, query: str, n: int, filters: Filters | None) -> Ranking:
-    return index.store.keyword_search(query, n, filters)
+    return _ordered(index, index.store.keyword_search(query, n, filters))
 
 
 def dense(index: Index, query: str, n: int, filters: Filters | None) -> Ranking:
-    return index.vectors.search(index.embed_query(query), n, filters)
+    return _ordered(index, index.vectors.search(index.embed_query(query), n, filters))[:n]
+
+
+def _ordered(index: Index, ranking: Ranking) -> Ranking:
+    """Best first; equal scores by document id and position, not by chunk id (the order of adding)."""
+    keys = {c.id: (c.doc_id, c.ord) for c in index.store.chunks([c for c, _ in ranking]).values()}
+    return sorted(((c, s) for c, s in ranking if c in keys), key=lambda item: (-item[1], keys[item[0]]))
 
 
 def hybrid(index: Index, query: str, n: int, filters: Filters | None) -> Ranking:
@@ -40,7 +46,7 @@ def rrf(rankings: list[Ranking], k: int = RRF_K) -> Ranking:
     for ranking in rankings:
         for rank, (chunk, _) in enumerate(ranking, 1):
             scores[chunk] = scores.get(chunk, 0.0) + 1.0 / (k + rank)
-    return sorted(scores.items(), key=lambda item: -item[1])
+    return sorted(scores.items(), key=lambda item: -item[1])  # ties: the caller orders them by document
 
 
 RANKERS: dict[str, Callable[[Index, str, int, Filters | None], Ranking]] = {"bm25": bm25, "dense": dense, "hybrid": hybrid}
