@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -40,6 +42,15 @@ def verdict(tmp_path_factory) -> Path:
 
     text = shared_path("the-verdict", "the-verdict.txt").read_text(encoding="utf-8")
     return make_data(text, tmp_path_factory.mktemp("verdict"), 512)
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory):
+    """SmolLM2-135M-Instruct Q4_1, imported once through the CLI, by its installed name."""
+    out = tmp_path_factory.mktemp("smollm2") / "model"
+    subprocess.run([sys.executable, "-m", "slmkit", "convert", "from-gguf", "smollm2-135m-instruct", "--out", str(out)],
+                   check=True, capture_output=True)
+    return out
 
 
 def assert_close(actual, expected, tol: float) -> None:

@@ -147,15 +147,6 @@ def test_cli_errors_exit_2_with_one_line(tmp_path):
 
 
 # ---------------------------------------------------------------------------- the real SmolLM2
-@pytest.fixture(scope="session")
-def smollm2(tmp_path_factory):
-    """SmolLM2-135M-Instruct Q4_1, imported once through the CLI, by its installed name."""
-    out = tmp_path_factory.mktemp("smollm2") / "model"
-    subprocess.run([sys.executable, "-m", "slmkit", "convert", "from-gguf", "smollm2-135m-instruct", "--out", str(out)],
-                   check=True, capture_output=True)
-    return out
-
-
 def dataset_texts() -> list[str]:
     """Slices of several shared datasets: prose, code, chemistry, numbers, and non-ASCII text."""
     texts = [shared_path("tinyshakespeare", "input.txt").read_text(encoding="utf-8")[:6000],

@@ -470,3 +470,27 @@ def test_rag_serve_answers_openai_clients_with_citations(tmp_path, tiny):
         with pytest.raises(openai.BadRequestError) as e:
             client.chat.completions.create(model="docs", messages=[{"role": "user", "content": "x"}], extra_body={"foo": 1})
         assert e.value.body["code"] == "unsupported_field"
+
+
+# ---------------------------------------------------------------------------- the real model
+@pytest.mark.real_model
+def test_smollm2_answers_a_pep_question_with_a_citation_that_maps_to_a_chunk(tmp_path, smollm2, minilm, shared):
+    from slmkit.rag import LocalGenerator, answer
+
+    peps = shared("python-peps", "peps_final_active_accepted.jsonl")
+    keep = {8: "Style Guide", 20: "Zen", 257: "Docstring", 484: "Type Hints"}
+    rows = [json.loads(line) for line in peps.read_text(encoding="utf-8").splitlines()]
+    rows = [{**r, "text": r["text"][:6000]} for r in rows if r["pep"] in keep]
+    (tmp_path / "peps.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    build_index([tmp_path / "peps.jsonl"], tmp_path / "idx", smollm2, embedder=minilm, id_field="pep",
+                chunking=ChunkConfig("tokens", 128, 16), progress=False)
+    index = Index(tmp_path / "idx", embedder=minilm)
+    reply = answer(index, "What is the title of PEP 20, the one with the aphorisms of Python's design?",
+                   LocalGenerator(smollm2), k=2, max_tokens=24)
+    assert reply.text.strip()
+    assert reply.citations and {s.chunk.doc_id for s in reply.sources} >= {"20"}
+    chunks = index.store.chunks([c.chunk_id for c in reply.citations])
+    for c in reply.citations:
+        text = index.store.document_text(c.doc_id)
+        assert text[c.start : c.end] == chunks[c.chunk_id].text
+        assert text[c.quote_start : c.quote_end] == c.quote and c.quote in chunks[c.chunk_id].text
