@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rag_peps_qa import questions  # noqa: E402
 
 from slmkit.rag import ChunkConfig, Index, Retriever, build_index  # noqa: E402
+from slmkit.rag.chunking import Span  # noqa: E402
 from slmkit.rag.evaluate import evaluate  # noqa: E402
 from slmkit.rag.store import NewDocument  # noqa: E402
 from slmkit.rag.vectors import ApproxIndex, ExactIndex  # noqa: E402
@@ -82,8 +83,6 @@ def grow(index_dir: Path, to: Path, factor: int, seed: int = 0) -> Index:
                 rows = store.query("SELECT start_char, end_char, tokens, heading, text, embedding FROM chunks "
                                    "WHERE document = ? ORDER BY ord", (pk,))
                 texts, spans, vectors, offset = [], [], [], 0
-                from slmkit.rag.chunking import Span
-
                 for _, _, tokens, heading, text, blob in rows:
                     words = text.split()
                     rng.shuffle(words)

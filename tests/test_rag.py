@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,13 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from slmkit.errors import InputError
+from slmkit.errors import SlmkitError
 from slmkit.rag import ChunkConfig, Index, Retriever, add, build_index, remove
 from slmkit.rag.answer import cite, respond
 from slmkit.rag.chunking import chunk_text, heading_outline, sentence_spans
 from slmkit.rag.embedders import ModelEmbedder, load_embedder
 from slmkit.rag.retrieve import Hit, rrf
-from slmkit.tokenizer import Tokenizer
+from slmkit.tokenizer import Tokenizer, train_bpe
 from tiny_models import model_dir as tiny_model_dir
 
 TOPICS = {
@@ -74,11 +75,22 @@ def all_rankings(index: Index) -> dict:
 
 
 def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """The slmkit command in its own process (where a process boundary matters: exit status, kills)."""
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
     result = subprocess.run([sys.executable, "-m", "slmkit", *args], capture_output=True, text=True, env=env, timeout=600)
     if check:
         assert result.returncode == 0, result.stderr
     return result
+
+
+def main(capsys, *args: str) -> tuple[int, str, str]:
+    """The slmkit command in this process: (exit status, stdout, stderr)."""
+    from slmkit.cli import main as slmkit_main
+
+    capsys.readouterr()
+    status = slmkit_main(list(args))
+    out, err = capsys.readouterr()
+    return status, out, err
 
 
 # ---------------------------------------------------------------------------- chunking
@@ -359,7 +371,7 @@ def test_retrieval_metrics_by_hand():
     assert lo < 0.5 < hi and hi - lo < 0.3
 
 
-def test_rag_eval_cli_json(tmp_path, tiny):
+def test_rag_eval_cli_json(tmp_path, tiny, capsys):
     docs = write_docs(tmp_path / "docs")
     build_index([docs], tmp_path / "idx", tiny, embedder=str(tiny), id_field="id", progress=False)
     qa = tmp_path / "qa.jsonl"
@@ -367,13 +379,13 @@ def test_rag_eval_cli_json(tmp_path, tiny):
         {"question": "yield values lazily generator expression", "doc_ids": ["gen"], "kind": "lexical"},
         {"question": "async def await event loop", "doc_ids": ["async"], "kind": "lexical"},
         {"question": "__enter__ and __exit__", "doc_ids": ["ctx", "gen"]}]))
-    out = cli("rag", "eval", str(tmp_path / "idx"), str(qa), "--retriever", "bm25", "--json")
-    result = json.loads(out.stdout)
+    status, out, _ = main(capsys, "rag", "eval", str(tmp_path / "idx"), str(qa), "--retriever", "bm25", "--json")
+    result = json.loads(out)
     assert set(result) >= {"recall@1", "recall@5", "recall@10", "recall@20", "mrr@10", "ndcg@10"}
     assert result["recall@1"] == pytest.approx((1 + 1 + 0.5) / 3) and result["mrr@10"] == 1.0
     assert result["by_kind"]["lexical"]["questions"] == 2
-    table = cli("rag", "eval", str(tmp_path / "idx"), str(qa), "--retriever", "hybrid+mmr", "-q").stdout
-    assert "recall@10" in table and "95% CI" in table
+    status, table, _ = main(capsys, "rag", "eval", str(tmp_path / "idx"), str(qa), "--retriever", "hybrid+mmr", "-q")
+    assert status == 0 and "recall@10" in table and "95% CI" in table
 
 
 def test_peps_eval_set_is_deterministic_and_grounded(tmp_path, shared):
@@ -394,36 +406,30 @@ def test_peps_eval_set_is_deterministic_and_grounded(tmp_path, shared):
 
 
 # ---------------------------------------------------------------------------- bad input
-def test_bad_input_is_one_line_and_exit_2(tmp_path, tiny):
+def test_bad_input_is_one_line_and_exit_2(tmp_path, tiny, capsys):
     docs = write_docs(tmp_path / "docs")
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "blank.txt").write_text("")
 
     def fails(*args: str, says: str) -> None:
-        result = cli(*args, check=False)
-        assert result.returncode == 2, result.stderr
-        lines = result.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0], result.stderr
+        status, _, err = main(capsys, *args)
+        lines = err.strip().splitlines()
+        assert status == 2 and len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0], err
 
     idx = str(tmp_path / "idx")
-    fails("rag", "index", str(tmp_path / "empty"), "--out", idx, "--tokenizer", str(tiny), "--embedder", str(tiny),
-          says="no documents found")
+    result = cli("rag", "index", str(tmp_path / "empty"), "--out", idx, "--tokenizer", str(tiny), "--embedder", str(tiny),
+                 check=False)  # once through a real process: status 2, one line, no traceback
+    assert result.returncode == 2 and result.stderr.startswith("error: no documents found")
+    assert len(result.stderr.strip().splitlines()) == 1
     fails("rag", "index", str(docs), "--out", idx, "--tokenizer", str(tiny), "--embedder", "word2vec", says="unknown embedder")
     assert not Path(idx).exists()
-    cli("rag", "index", str(docs), "--out", idx, "--tokenizer", str(tiny), "--embedder", str(tiny), "-q")
+    assert main(capsys, "rag", "index", str(docs), "--out", idx, "--tokenizer", str(tiny), "--embedder", str(tiny), "-q")[0] == 0
     fails("rag", "index", str(docs), "--out", idx, "--tokenizer", str(tiny), says="already exists")
     other = tiny_model_dir(tmp_path / "other", steps=0, d_model=32, n_heads=2, n_kv_heads=1)
-    from slmkit.tokenizer import train_bpe
-
     train_bpe(["a different corpus entirely"] * 4, 300).save(tmp_path / "tok")
-    import shutil
-
     shutil.copy(tmp_path / "tok" / "tokenizer.json", other / "tokenizer.json")
-    result = subprocess.run([sys.executable, "-c", (
-        "import sys; from slmkit.rag import Index, add; from slmkit.rag.embedders import ModelEmbedder; "
-        f"add(Index({idx!r}, embedder=ModelEmbedder({str(other)!r})), [{str(docs)!r}])")],
-        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")})
-    assert "was built with embedder" in result.stderr
+    with pytest.raises(SlmkitError, match="was built with embedder"):
+        add(Index(idx, embedder=ModelEmbedder(other)), [docs])
     fails("rag", "query", idx, "sort a list", "--model", str(other), says="another tokenizer")
     fails("rag", "query", idx, "sort " * 1200, "--model", str(tiny), says="fit in the model's context")
     fails("rag", "query", idx, "x", "--retriever", "bm25", "--filter", "status", says="KEY=VALUE")
@@ -432,10 +438,10 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, tiny):
     before = Index(idx).store.counts()
     (Path(idx) / "tokenizer.json").write_text("{not json")
     fails("rag", "add", idx, str(docs), says="rebuild the index")
+    assert Index(idx).store.counts() == before and before[0] == 7  # nothing lost
     (Path(idx) / "index.sqlite").write_bytes(b"\0" * 4096)
     fails("rag", "query", idx, "sort", "--retriever", "bm25", says="damaged or not a slmkit index")
     fails("rag", "query", str(tmp_path / "nope"), "sort", says="does not exist")
-    assert before[0] == 7
 
 
 # ---------------------------------------------------------------------------- the chat endpoint

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from slmkit.cli.common import check_writable, device_options, reading_options, report_unreadable
+from slmkit.cli.common import check_writable, device_options, reading_options
 from slmkit.errors import InputError
 
 
