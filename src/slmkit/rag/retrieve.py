@@ -104,23 +104,25 @@ class Retriever:
             scores = self.reranker.score(query, [h.chunk.text for h in top])
             hits = sorted((Hit(h.chunk, s) for h, s in zip(top, scores)), key=lambda h: (-h.score, h.chunk.doc_id, h.chunk.ord)) + rest
         if self.mmr:
-            hits = mmr(index, query, hits, k, self.mmr_lambda)
+            hits = mmr(index, hits, k, self.mmr_lambda)
         return hits[:k]
 
 
-def mmr(index: Index, query: str, hits: list[Hit], k: int, balance: float) -> list[Hit]:
-    """Maximal marginal relevance over the embeddings: each pick maximizes
-    balance * sim(query, chunk) - (1 - balance) * max sim(chunk, picked)."""
+def mmr(index: Index, hits: list[Hit], k: int, balance: float) -> list[Hit]:
+    """Maximal marginal relevance: each pick maximizes balance * relevance - (1 - balance) *
+    max similarity to the chunks already picked. Relevance is the ranking's own score scaled to
+    [0, 1] (so hybrid stays hybrid); similarity is the cosine of the chunks' embeddings."""
     if len(hits) <= 1:
         return hits
-    keys, vectors = index.store.vectors([h.chunk.id for h in hits])
-    relevance = vectors @ index.embed_query(query)
+    _, vectors = index.store.vectors([h.chunk.id for h in hits])
+    scores = np.array([h.score for h in hits])
+    spread = scores.max() - scores.min()
+    relevance = (scores - scores.min()) / spread if spread > 0 else np.ones(len(hits))
     chosen: list[int] = []
-    redundancy = np.full(len(hits), -np.inf)
+    redundancy = np.zeros(len(hits))
     left = list(range(len(hits)))
     while left and len(chosen) < k:
-        values = [balance * relevance[i] - (1 - balance) * (redundancy[i] if chosen else 0.0) for i in left]
-        best = left.pop(int(np.argmax(values)))
+        best = left.pop(int(np.argmax([balance * relevance[i] - (1 - balance) * redundancy[i] for i in left])))
         chosen.append(best)
         redundancy = np.maximum(redundancy, vectors @ vectors[best])
     return [hits[i] for i in chosen] + [hits[i] for i in left]
