@@ -7,7 +7,7 @@
 """
 
 from slmkit.data.clean import CleanConfig, Cleaner, CleanReport
-from slmkit.data.corpus import Corpus, iter_texts, read_file
+from slmkit.data.corpus import Corpus, Document, iter_texts, read_documents, read_file
 from slmkit.data.shards import PrepareResult, load_shards, prepare, read_manifest
 
 _TORCH_NAMES = ("RandomWindowSampler", "SlidingWindowDataset", "TokenStream")
@@ -17,10 +17,12 @@ __all__ = [
     "CleanReport",
     "Cleaner",
     "Corpus",
+    "Document",
     "PrepareResult",
     "iter_texts",
     "load_shards",
     "prepare",
+    "read_documents",
     "read_file",
     "read_manifest",
     *_TORCH_NAMES,

@@ -13,7 +13,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterable, Iterator
+from typing import Any, BinaryIO, Iterable, Iterator
 
 from slmkit.errors import InputError
 
@@ -35,6 +35,17 @@ class SourceFile:
 
     def to_dict(self) -> dict:
         return {"path": self.path.as_posix(), "bytes": self.bytes, "documents": self.documents}
+
+
+@dataclass
+class Document:
+    """One document with where it came from: its file and, for a .jsonl/.csv/.tsv record, the
+    record's first line and its other fields (retrieval keeps them as metadata)."""
+
+    text: str
+    path: Path
+    line: int | None = None
+    fields: dict[str, Any] | None = None
 
 
 class Corpus:
@@ -100,12 +111,17 @@ class Corpus:
         self.unreadable.append(path)
 
     def __iter__(self) -> Iterator[str]:
+        for document in self.documents():
+            yield document.text
+
+    def documents(self) -> Iterator[Document]:
+        """The documents with their sources, in the same order as iterating the corpus."""
         total = 0
         for source in self.files:
             source.documents = 0
-            for text in read_file(source.path, text_field=self.text_field, errors=self.errors):
+            for document in read_documents(source.path, text_field=self.text_field, errors=self.errors):
                 source.documents += 1
-                yield text
+                yield document
             total += source.documents
         if total == 0:
             where = ", ".join(str(p) for p in self.paths)
@@ -121,6 +137,12 @@ def iter_texts(paths: PathLike | Iterable[PathLike], *, text_field: str = "text"
 
 def read_file(path: Path, *, text_field: str = "text", errors: str = "strict") -> Iterator[str]:
     """The non-empty documents of one file, chosen by its extension (unknown -> plain text)."""
+    for document in read_documents(path, text_field=text_field, errors=errors):
+        yield document.text
+
+
+def read_documents(path: Path, *, text_field: str = "text", errors: str = "strict") -> Iterator[Document]:
+    """`read_file` with each document's source line and other record fields."""
     suffix = path.suffix.lower()
     try:
         f = open(path, "rb")
@@ -135,7 +157,7 @@ def read_file(path: Path, *, text_field: str = "text", errors: str = "strict") -
         else:
             text = _decode(f.read(), path, errors, offset=0)
             if text:
-                yield text
+                yield Document(text, path)
 
 
 def _check_not_binary(f: BinaryIO, path: Path) -> None:
@@ -163,7 +185,7 @@ def _lines(f: BinaryIO, path: Path, errors: str) -> Iterator[str]:
         offset += len(raw)
 
 
-def _read_jsonl(lines: Iterator[str], path: Path, field: str) -> Iterator[str]:
+def _read_jsonl(lines: Iterator[str], path: Path, field: str) -> Iterator[Document]:
     for lineno, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -177,10 +199,10 @@ def _read_jsonl(lines: Iterator[str], path: Path, field: str) -> Iterator[str]:
         if not isinstance(text, str):
             raise InputError(f"{path}:{lineno}: field {field!r} is {type(text).__name__}, not a string")
         if text:
-            yield text
+            yield Document(text, path, lineno, {k: v for k, v in record.items() if k != field})
 
 
-def _read_csv(lines: Iterator[str], path: Path, column: str, delimiter: str) -> Iterator[str]:
+def _read_csv(lines: Iterator[str], path: Path, column: str, delimiter: str) -> Iterator[Document]:
     csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))  # documents can be longer than csv's 128 KiB default
     reader = csv.DictReader(lines, delimiter=delimiter)
     try:
@@ -191,9 +213,11 @@ def _read_csv(lines: Iterator[str], path: Path, column: str, delimiter: str) -> 
                 f"{path} has no column {column!r} (columns: {', '.join(reader.fieldnames)}); "
                 "choose one with text_field= (--text-field)"
             )
+        line = reader.line_num + 1
         for row in reader:
             if row[column]:
-                yield row[column]
+                yield Document(row[column], path, line, {k: v for k, v in row.items() if k != column})
+            line = reader.line_num + 1
     except csv.Error as e:
         raise InputError(f"{path}:{reader.line_num}: malformed CSV ({e})") from None
 
