@@ -65,3 +65,10 @@ def test_greedy_continuations_part_from_llama_cpp_only_at_near_ties():
     equal, gaps = greedy_comparison(gemma3_path())
     print(f"gemma3 Q4_K_M greedy: {equal}/10 equal; gaps where they part: {gaps}")
     assert equal >= 5 and all(gap < 0.5 for gap in gaps), gaps
+
+
+def test_models_lists_it_by_its_package_name_with_the_files_quantization():
+    path = gemma3_path()
+    r = subprocess.run([sys.executable, "-m", "slmkit", "models"], capture_output=True, text=True, check=True)
+    line = next(line for line in r.stdout.splitlines() if line.startswith("gemma3-270m "))
+    assert line.split()[1:3] == ["gemma3", "Q4_K_M"] and line.endswith(str(path)), r.stdout

@@ -315,8 +315,8 @@ def load_gguf_model(f: GGUFFile, keep_quant: bool = False) -> Transformer:
     """The file's model in float32, with every weight checked against the config's shapes.
 
     `keep_quant` keeps every Q8_0 matrix quantized as a `Q8_0Linear`, which computes as llama.cpp
-    does; the output head of a tied Q8_0 embedding is one too, while the embedding itself (a row
-    lookup, exact in llama.cpp too) is dequantized. A file without Q8_0 matrices is an error then."""
+    does; the output head of a tied Q8_0 embedding is one too, while embeddings themselves are
+    dequantized. A file without Q8_0 matrices is an error then."""
     cfg = config_from_gguf(f)
     if keep_quant and not any(t.tensor_type.name == "Q8_0" and len(t.shape) == 2 for t in f.tensors.values()):
         kinds = sorted({t.tensor_type.name for t in f.tensors.values() if len(t.shape) == 2})
@@ -336,11 +336,14 @@ def load_gguf_model(f: GGUFFile, keep_quant: bool = False) -> Transformer:
     if cfg.tie_embeddings and isinstance(state["embed_tokens.weight"], Q8_0Blocks):
         state["lm_head.weight"] = state["embed_tokens.weight"]
     for name, w in list(state.items()):
-        if isinstance(w, Q8_0Blocks):
+        if not isinstance(w, Q8_0Blocks):
+            continue
+        module = name.removesuffix(".weight")
+        if isinstance(model.get_submodule(module), torch.nn.Linear):
+            del state[name]
+            _install_q8_0(model, module, w, state.pop(f"{module}.bias", None))
+        else:  # embeddings: a row lookup, exact in llama.cpp too
             state[name] = w.dequantize()
-            if name != "embed_tokens.weight":
-                _install_q8_0(model, name.removesuffix(".weight"), w, state.pop(name.replace(".weight", ".bias"), None))
-                del state[name]
     model.load_state_dict(state, strict=False)
     return model.eval()
 
