@@ -325,7 +325,7 @@ def test_smollm2_greedy_continuations_equal_llama_cpp(tmp_path, kind, keep_quant
     """F16: the same continuations. Q8_0: llama.cpp rounds activations to Q8_0 blocks for its
     Q8_0 dot products; the dequantized import does not (logits move by up to ~1 on values ~30),
     the kept quantization does, but that does not raise the rate: 8/10 either way (measured), parting
-    at near ties (slmkit's two best logits 0.03 and 0.14 apart). Rounding to 8 bits amplifies float32
+    at near ties (slmkit's two best logits 0.03 to 0.14 apart). Rounding to 8 bits amplifies float32
     noise over 30 layers (a 1e-7 relative change of the activations moves logits by up to ~0.5), so
     summation order decides near ties; llama.cpp fed the prompts one token at a time agrees with
     itself on 9/10."""
