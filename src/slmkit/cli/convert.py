@@ -15,7 +15,7 @@ def cmd_from_hf(args: argparse.Namespace) -> None:
 def cmd_from_gguf(args: argparse.Namespace) -> None:
     from slmkit.convert import from_gguf
 
-    out = from_gguf(args.src, args.out, args.dtype, force=args.force)
+    out = from_gguf(args.src, args.out, args.dtype, keep_quant=args.keep_quant, force=args.force)
     print(f"wrote {out}")
 
 
@@ -54,6 +54,9 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
     g.add_argument("src", metavar="FILE_OR_NAME", help="a .gguf file, or an installed model's name (see `slmkit models`)")
     g.add_argument("--out", required=True, metavar="MODEL_DIR", help="slmkit model directory to write")
     g.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="dtype of the stored weights (default: float32)")
+    g.add_argument("--keep-quant", action="store_true",
+                   help="keep Q8_0 matrices quantized (int8 blocks of 32 + fp16 scales, ~4x smaller than float32) and "
+                        "compute them as llama.cpp does, rounding activations to Q8_0 blocks; other types are dequantized")
     g.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     g.set_defaults(handler=cmd_from_gguf)
 

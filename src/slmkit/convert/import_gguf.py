@@ -26,7 +26,7 @@ from slmkit._io import atomic_dir
 from slmkit.config import ModelConfig
 from slmkit.convert.gguf_vocab import vocab_from_gguf
 from slmkit.errors import InputError, MissingExtraError
-from slmkit.model.io import save_model_dir
+from slmkit.model.io import cast_floats, save_model_dir
 from slmkit.model.transformer import Transformer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -235,16 +235,54 @@ def config_from_gguf(f: GGUFFile) -> ModelConfig:
 
 
 # ---------------------------------------------------------------------------- tensors
+@dataclass
+class Q8_0Blocks:
+    """A Q8_0 matrix as the file stores it: int8 codes [rows, cols] and one fp16 scale per 32 codes
+    of a row [rows, cols / 32]. Rows are selected as a tensor's are (`blocks[rows]`)."""
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.codes.shape
+
+    def __getitem__(self, rows) -> Q8_0Blocks:
+        return Q8_0Blocks(self.codes[rows], self.scales[rows])
+
+    def dequantize(self) -> torch.Tensor:
+        from slmkit.quant.rtn import dequantize
+
+        return dequantize(self.codes, self.scales, None)
+
+
+def q8_0_blocks(f: GGUFFile, name: str) -> Q8_0Blocks:
+    """The codes and scales of a Q8_0 tensor, read from its 34-byte blocks (fp16 d, then 32 int8)."""
+    t = f.tensors[name]
+    rows = int(np.prod(t.shape[1:]))
+    raw = np.ascontiguousarray(t.data).reshape(rows, -1, 34)
+    scales = torch.from_numpy(raw[..., :2].copy().view(np.float16)[..., 0])
+    return Q8_0Blocks(torch.from_numpy(raw[..., 2:].copy().view(np.int8).reshape(rows, -1)), scales)
+
+
 def unpermute_llama_rope(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     """llama.cpp adjacent-pair rope rows (2i, 2i + 1) -> half-split rows (i, i + d/2), per head."""
     return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def state_from_gguf(f: GGUFFile, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+Weight = torch.Tensor | Q8_0Blocks
+
+
+def state_from_gguf(f: GGUFFile, cfg: ModelConfig, keep_quant: bool = False) -> dict[str, Weight]:
     """slmkit's state dict from the file's tensors; every tensor must be used, and every one
-    the model has must be given."""
+    the model has must be given. With `keep_quant`, Q8_0 matrices stay `Q8_0Blocks`."""
     arch = ARCHITECTURES[f.architecture]
-    out: dict[str, torch.Tensor] = {"embed_tokens.weight": f.weight("token_embd.weight")}
+
+    def read(name: str) -> Weight:
+        kept = keep_quant and f.tensors[name].tensor_type.name == "Q8_0" and len(f.tensors[name].shape) == 2
+        return q8_0_blocks(f, name) if kept else f.weight(name)
+
+    out: dict[str, Weight] = {"embed_tokens.weight": read("token_embd.weight")}
     names = {"position_embd": "pos.wpe", "output_norm": "norm", "output": "lm_head"}
     for i in range(cfg.n_layers):
         names |= {f"blk.{i}.{k}": f"layers.{i}.{v}" for k, v in {**_LINEARS, **arch.norms}.items()}
@@ -254,30 +292,38 @@ def state_from_gguf(f: GGUFFile, cfg: ModelConfig) -> dict[str, torch.Tensor]:
         block, _, part = module.rpartition(".")
         if name == "token_embd.weight" or name == "rope_freqs.weight":
             continue
-        w = f.weight(name)
+        w = read(name)
         if part == "attn_qkv":  # gpt2, phi3: q, k, v in one tensor
-            for p, piece in zip(("q", "k", "v"), w.split([q, kv, kv])):
-                out[f"layers.{block[4:]}.self_attn.{p}_proj.{kind}"] = piece
+            for p, rows in zip(("q", "k", "v"), (slice(0, q), slice(q, q + kv), slice(q + kv, None))):
+                out[f"layers.{block[4:]}.self_attn.{p}_proj.{kind}"] = w[rows]
             continue
         if part == "ffn_up" and f.architecture == "phi3":  # gate and up in one tensor, gate first
-            gate, up = w.chunk(2)
-            out[f"layers.{block[4:]}.mlp.gate_proj.{kind}"], out[f"layers.{block[4:]}.mlp.up_proj.{kind}"] = gate, up
+            half = w.shape[0] // 2
+            out[f"layers.{block[4:]}.mlp.gate_proj.{kind}"], out[f"layers.{block[4:]}.mlp.up_proj.{kind}"] = w[:half], w[half:]
             continue
         if module not in names:
             raise InputError(f"{f.path.name} has tensor {name}, which the {f.architecture} mapping does not use")
         if arch.permute_qk and part in ("attn_q", "attn_k"):
-            w = unpermute_llama_rope(w, cfg.n_heads if part == "attn_q" else cfg.n_kv_heads)
+            w = w[unpermute_llama_rope(torch.arange(w.shape[0]), cfg.n_heads if part == "attn_q" else cfg.n_kv_heads)]
         if arch.norm_offset and "norm" in part:
             w = w - arch.norm_offset
         out[f"{names[module]}.{kind}"] = w
     return out
 
 
-def load_gguf_model(f: GGUFFile) -> Transformer:
-    """The file's model in float32, with every weight checked against the config's shapes."""
+def load_gguf_model(f: GGUFFile, keep_quant: bool = False) -> Transformer:
+    """The file's model in float32, with every weight checked against the config's shapes.
+
+    `keep_quant` keeps every Q8_0 matrix quantized as a `Q8_0Linear`, which computes as llama.cpp
+    does; the output head of a tied Q8_0 embedding is one too, while embeddings themselves are
+    dequantized. A file without Q8_0 matrices is an error then."""
     cfg = config_from_gguf(f)
+    if keep_quant and not any(t.tensor_type.name == "Q8_0" and len(t.shape) == 2 for t in f.tensors.values()):
+        kinds = sorted({t.tensor_type.name for t in f.tensors.values() if len(t.shape) == 2})
+        raise InputError(f"keeping the quantization (--keep-quant) keeps Q8_0 matrices, and {f.path.name} has none "
+                         f"(its matrices are {', '.join(kinds)}); import it without --keep-quant")
     model = Transformer(cfg)
-    state = state_from_gguf(f, cfg)
+    state = state_from_gguf(f, cfg, keep_quant)
     expected = model.state_dict()
     for name, w in state.items():
         if name not in expected:
@@ -287,15 +333,45 @@ def load_gguf_model(f: GGUFFile) -> Transformer:
     missing = set(expected) - set(state) - ({"lm_head.weight"} if cfg.tie_embeddings else set())
     if missing:
         raise InputError(f"{f.path.name} lacks the tensor for {min(missing)}")
+    if cfg.tie_embeddings and isinstance(state["embed_tokens.weight"], Q8_0Blocks):
+        state["lm_head.weight"] = state["embed_tokens.weight"]
+    for name, w in list(state.items()):
+        if not isinstance(w, Q8_0Blocks):
+            continue
+        module = name.removesuffix(".weight")
+        if isinstance(model.get_submodule(module), torch.nn.Linear):
+            del state[name]
+            _install_q8_0(model, module, w, state.pop(f"{module}.bias", None))
+        else:  # embeddings: a row lookup, exact in llama.cpp too
+            state[name] = w.dequantize()
     model.load_state_dict(state, strict=False)
     return model.eval()
 
 
+def _install_q8_0(model: Transformer, name: str, w: Q8_0Blocks, bias: torch.Tensor | None) -> None:
+    from slmkit.quant.linear import Q8_0Linear
+    from slmkit.quant.targets import set_module
+
+    linear = model.get_submodule(name)
+    module = Q8_0Linear(linear.in_features, linear.out_features, linear.bias is not None)
+    set_module(model, name, module.set_weights(w.codes, w.scales, None, bias=bias))
+
+
+def kept_quantization(model: Transformer) -> dict[str, Any] | None:
+    """config.json's "quantization" section of a model with `Q8_0Linear`s (None: none)."""
+    from slmkit.quant.linear import Q8_0Linear
+
+    modules = [name for name, m in model.named_modules() if isinstance(m, Q8_0Linear)]
+    return {"method": "q8_0", "bits": 8, "group_size": 32, "symmetric": True, "modules": modules} if modules else None
+
+
 # ---------------------------------------------------------------------------- the model directory
-def from_gguf(src: str | os.PathLike, out: str | os.PathLike, dtype: str = "float32", *, force: bool = False) -> Path:
+def from_gguf(src: str | os.PathLike, out: str | os.PathLike, dtype: str = "float32", *, keep_quant: bool = False,
+              force: bool = False) -> Path:
     """Convert a GGUF file (a path, or the name of an installed model, see `slmkit models`) into
     the model directory `out`: weights dequantized to `dtype`, the tokenizer as tokenizer.json, the
-    chat template and its stop tokens."""
+    chat template and its stop tokens. `keep_quant` keeps Q8_0 matrices quantized, computing as
+    llama.cpp does (see `load_gguf_model`); the directory is then a quantized model directory."""
     from slmkit.chat import ChatFormat
     from slmkit.convert.local_models import resolve_gguf
     from slmkit.tokenizer.hf_backend import HFTokenizer
@@ -303,13 +379,15 @@ def from_gguf(src: str | os.PathLike, out: str | os.PathLike, dtype: str = "floa
     if dtype not in DTYPES:
         raise InputError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     f = read_gguf(resolve_gguf(src))
-    model = load_gguf_model(f).to(DTYPES[dtype])
+    model = load_gguf_model(f, keep_quant)
+    cast_floats(model, DTYPES[dtype])  # quantized codes and scales stay as stored
     vocab = vocab_from_gguf(f.kv, model.cfg.context_length)
     tokenizer = HFTokenizer(json.dumps(vocab.tokenizer_json, ensure_ascii=False), vocab.config)
     if tokenizer.vocab_size > model.cfg.vocab_size:
         raise InputError(f"{f.path.name}: the tokenizer has {tokenizer.vocab_size} tokens, the embedding only {model.cfg.vocab_size} rows")
     with atomic_dir(out, force=force) as tmp:
-        save_model_dir(model, tmp, tokenizer, {"stop_tokens": _stop_tokens(f.kv, tokenizer)}, sampling_defaults=False)
+        save_model_dir(model, tmp, tokenizer, {"stop_tokens": _stop_tokens(f.kv, tokenizer)}, kept_quantization(model),
+                       sampling_defaults=False)
         chat = ChatFormat.for_tokenizer(tokenizer, _stop_tokens(f.kv, tokenizer)) if tokenizer.chat_template else None
         if chat is not None:
             chat.save(tmp)

@@ -1,6 +1,8 @@
 """Every quantized linear layer: the replacements for `nn.Linear` that store or compute in fewer bits.
 
 - `QuantizedLinear`: weight-only int8/int4 (round-to-nearest, GPTQ; the frozen int8 base of QLoRA).
+- `Q8_0Linear`: llama.cpp's Q8_0 (int8 blocks of 32 with fp16 scales), computing as llama.cpp does:
+  activations rounded to the same blocks before the dot products.
 - `W8A8Linear`: int8 weights times int8 activations (SmoothQuant).
 - `FP8Linear`: weight-only float8 e4m3.
 - `FP8TrainingLinear`: an `nn.Linear` whose matmuls run in fp8 (FP8 training; same parameters).
@@ -90,6 +92,38 @@ class QuantizedLinear(nn.Module):
     def extra_repr(self) -> str:
         kind = "symmetric" if self.zeros is None else "asymmetric"
         return f"in={self.in_features}, out={self.out_features}, int{self.bits}, group={self.group_size}, {kind}"
+
+
+Q8_0_BLOCK = 32
+
+
+def round_q8_0(x: torch.Tensor) -> torch.Tensor:
+    """x rounded as llama.cpp rounds the activations of its Q8_0 dot products (ggml's
+    `quantize_row_q8_0`): per block of 32 values along the last dimension, the codes
+    round(x * 127 / amax) and the scale amax / 127 stored as fp16. Ties round to even, as ggml's
+    AVX2/AVX-512 path does (`_mm256_round_ps`); its scalar reference rounds them away from zero."""
+    blocks = x.float().unflatten(-1, (-1, Q8_0_BLOCK))
+    amax = blocks.abs().amax(-1, keepdim=True)
+    codes = torch.round(blocks * torch.where(amax > 0, 127 / amax, 0.0))
+    return (codes * (amax / 127).half().float()).flatten(-2).to(x.dtype)
+
+
+class Q8_0Linear(QuantizedLinear):
+    """llama.cpp's Q8_0 weights (one fp16 scale per 32 int8 codes of a row, 8.5 bits a weight) as
+    its CPU backend computes them: the activation is rounded to Q8_0 blocks too (`round_q8_0`),
+    then each pair of blocks contributes dot(codes, codes) * d_w * d_x (`ggml_vec_dot_q8_0_q8_0`).
+    Dequantized operands in one float32 matmul give the same sum, every product d * q being exact
+    in float32, to within float32 rounding of the summation order."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
+        super().__init__(in_features, out_features, bias, bits=8, group_size=Q8_0_BLOCK)
+        self.scales = self.scales.half()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(round_q8_0(x))
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, Q8_0 (int8 blocks of 32, fp16 scales, Q8_0 activations)"
 
 
 class W8A8Linear(nn.Module):
@@ -201,6 +235,8 @@ def empty_module(linear: nn.Linear, section: dict[str, Any], name: str) -> nn.Mo
     """An unfilled quantized module of the layout `section` (config.json's "quantization") describes."""
     args = (linear.in_features, linear.out_features, linear.bias is not None)
     method = section["method"]
+    if method == "q8_0":
+        return Q8_0Linear(*args)
     if method == "smoothquant":
         return W8A8Linear(*args, smoothed=name in section.get("smoothed", ()))
     if method == "fp8":
