@@ -9,10 +9,10 @@ import warnings
 from typing import Sequence
 
 import slmkit
-from slmkit.cli import convert, data, export, finetune, generate, model, models, quantize, quickstart, serve, tokenizer, train
+from slmkit.cli import checkpoint, convert, data, export, finetune, generate, model, models, quantize, quickstart, serve, tokenizer, train
 from slmkit.errors import SlmkitError
 
-COMMANDS = (tokenizer, data, model, train, finetune, quickstart, generate, models, convert, quantize, export, serve)  # in the order `slmkit --help` lists them
+COMMANDS = (tokenizer, data, model, train, finetune, checkpoint, quickstart, generate, models, convert, quantize, export, serve)  # in the order `slmkit --help` lists them
 
 
 def build_parser() -> argparse.ArgumentParser:
