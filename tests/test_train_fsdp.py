@@ -17,13 +17,16 @@ from collections import Counter
 import pytest
 import torch
 from safetensors.torch import load_file
-from specialize_fixtures import tiny_model_dir, write_json
+from specialize_fixtures import TEXTS, tiny_model_dir, write_json
 from train_helpers import SMALL
 
 import slmkit
 from slmkit.chat import ChatFormat
 from slmkit.cli import main
-from slmkit.finetune import FinetuneConfig, finetune_sft
+from slmkit.config import ModelConfig
+from slmkit.finetune import FinetuneConfig, finetune_classify, finetune_distill, finetune_dpo, finetune_sft
+from slmkit.model.io import save_model_dir
+from slmkit.model.transformer import Transformer
 from slmkit.train import TrainConfig, pretrain
 from slmkit.train import checkpoint as ckpt
 from slmkit.train.run_metrics import read_metrics
@@ -245,6 +248,51 @@ def test_lora_sft_of_an_moe_model_two_processes_match_one(tmp_path):
     merged = consolidate(tmp_path / "two" / "checkpoints" / f"step-{best.split('|')[2].strip()}", tmp_path / "merged")
     c = load_file(merged / "adapters" / "default" / "adapter.safetensors")
     assert all(torch.equal(a[k], c[k]) for k in a)  # final/ holds the best evaluation's weights
+
+
+def run_task(task: str, tmp: Path, strategy: str, verdict: Path) -> Path:
+    """A 3-step run of a fine-tuning task in this process, checkpointing every step."""
+    out = tmp / strategy
+    lora = 2 if task.endswith("lora") else 0
+    cfg = FinetuneConfig(max_steps=3, lr=3e-3, warmup_steps=1, eval_every=1, save_every=1, log_every=1, batch_size=4,
+                         lora_rank=lora, strategy=strategy)
+    if task.startswith("classify"):
+        rows = [{"text": t, "label": "spam" if "win" in t or "prize" in t else "ham"} for t in TEXTS]
+        data = write_json(tmp / "c.json", rows)
+        finetune_classify(tiny_model_dir(tmp / "m"), data, out, cfg=cfg, val_fraction=0.25, progress=False)
+    elif task == "dpo-lora":
+        rows = [{"prompt": f"Say {w}.", "chosen": w, "rejected": "no"} for w in ["win", "cash", "home", "love", "tips", "sleep"] * 2]
+        finetune_dpo(tiny_model_dir(tmp / "m"), write_json(tmp / "p.json", rows), out, cfg=cfg, progress=False)
+    elif task == "distill":
+        teacher = tmp / "teacher"
+        if not teacher.exists():
+            torch.manual_seed(1)
+            save_model_dir(Transformer(ModelConfig.from_preset("tiny", **{**SMALL, "vocab_size": 512})), teacher,
+                           Tokenizer.load(verdict.parent / "tokenizer"))
+        finetune_distill(teacher, verdict, out, student_preset="tiny", student_overrides={**SMALL, "n_layers": 2},
+                         eval_windows=8, cfg=cfg, progress=False)
+    else:  # sft of a model with multi-token prediction: its MTP block is sharded as a block too
+        finetune_sft(tiny_model_dir(tmp / "m", mtp_depth=1), write_json(tmp / "d.json", sft_records(16)), out, cfg=cfg,
+                     max_new_tokens=1, max_responses=1, progress=False)
+    return out
+
+
+def tensors_under(directory: Path) -> dict[str, torch.Tensor]:
+    return {f"{f.relative_to(directory)}:{k}": v for f in sorted(directory.rglob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+@pytest.mark.parametrize("task", ["classify", "classify-lora", "dpo-lora", "distill", "sft-mtp"])
+def test_every_finetune_task_under_fsdp_in_one_process_is_plain_training(task, verdict, tmp_path):
+    """FSDP over one process shards nothing, so it must train bit for bit as the plain loop does;
+    and consolidating the best step gives final/ (which holds the best evaluation's weights)."""
+    ddp, fsdp = run_task(task, tmp_path, "ddp", verdict), run_task(task, tmp_path, "fsdp", verdict)
+    assert curve(fsdp) == curve(ddp)
+    final = tensors_under(fsdp / "final")
+    assert final.keys() == tensors_under(ddp / "final").keys()
+    assert all(torch.equal(v, tensors_under(ddp / "final")[k]) for k, v in final.items())
+    best = next(line for line in (fsdp / "report.md").read_text().splitlines() if line.startswith("| best step |"))
+    merged = tensors_under(consolidate(fsdp / "checkpoints" / f"step-{best.split('|')[2].strip()}", tmp_path / "merged"))
+    assert merged.keys() == final.keys() and all(torch.equal(merged[k], final[k]) for k in final)
 
 
 # ---------------------------------------------------------------------------- bad input

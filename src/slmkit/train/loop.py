@@ -189,6 +189,8 @@ class Loop:
             self.saver = sharded.ShardedSaver(self.run, cfg.keep_checkpoints, self.dist)
         self.optimizer = build_optimizer(self.model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        # named now, while every shard is in place (FSDP keeps the root's weights gathered after an eval forward)
+        self.trained = sorted(ckpt.trained_names(self.model, self.params))
         self.scaler = self.parallel.scaler()
 
         self.step, self.tokens, self.history = 0, 0, []
@@ -341,7 +343,7 @@ class Loop:
         """What a sharded checkpoint's DCP directory holds: this rank's shards of the trained
         weights, the optimizer state (by parameter name) and the best evaluation's weights."""
         state = self.model.state_dict()
-        tensors = {"model": {k: state[k] for k in self._trained_names()},
+        tensors = {"model": {k: state[k] for k in self.trained},
                    "optimizer": sharded.optimizer_state(self.model, self.optimizer)}
         if self.best_weights is not None:
             tensors["best"] = self.best_weights
@@ -392,21 +394,18 @@ class Loop:
         """Weights, optimizer state and best weights from a sharded checkpoint, resharded to
         however many ranks this run has (the weights in place, into the shards that train)."""
         state = self.model.state_dict()
-        names = self._trained_names()
-        tensors = {"model": {k: state[k] for k in names}, "optimizer": sharded.optimizer_state(self.model, self.optimizer)}
+        tensors = {"model": {k: state[k] for k in self.trained},
+                   "optimizer": sharded.optimizer_state(self.model, self.optimizer)}
         if has_best:
-            tensors["best"] = {k: state[k].detach().clone() for k in names}
+            tensors["best"] = {k: state[k].detach().clone() for k in self.trained}
         sharded.load(checkpoint, tensors)
         sharded.load_optimizer(self.model, self.optimizer, tensors["optimizer"])
         self.best_weights = tensors.get("best")
 
-    def _trained_names(self) -> list[str]:
-        return sorted(ckpt.trained_names(self.model, self.params))
-
     def _trained_weights(self) -> dict[str, torch.Tensor]:
         """What training changes (`checkpoint.trained_names`), copied."""
-        names = set(self._trained_names())
-        return {k: v.detach().clone() for k, v in self.model.state_dict().items() if k in names}
+        state = self.model.state_dict()
+        return {k: state[k].detach().clone() for k in self.trained}
 
     def _load_weights(self, weights: dict[str, torch.Tensor]) -> None:
         unexpected = self.model.load_state_dict(weights, strict=False).unexpected_keys

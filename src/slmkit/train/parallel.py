@@ -121,9 +121,9 @@ class Sharded:
         transformer = transformer_of(twin)
         if activation_checkpointing:
             enable_activation_checkpointing(transformer)
-        # 2) shard: each block is one unit (gathered while it runs), the rest is the root's unit
-        blocks = list(transformer.layers) + (list(transformer.mtp.layers) if getattr(transformer, "mtp", None) else [])
-        for block in blocks:
+        # 2) shard: each block is one unit (gathered while it runs), the rest is the root's unit (with
+        #    the MTP modules, whose parts the model calls one by one, outside their own forward)
+        for block in transformer.layers:
             fully_shard(block, **options)
         fully_shard(twin, **options)
         # 3) allocate this process's shards and fill them from the owner's weights, then free those
