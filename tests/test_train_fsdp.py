@@ -16,6 +16,7 @@ from collections import Counter
 
 import pytest
 import torch
+from filelock import FileLock
 from safetensors.torch import load_file
 from specialize_fixtures import TEXTS, tiny_model_dir, write_json
 from train_helpers import SMALL
@@ -74,12 +75,17 @@ def keep_only(run: Path, step: int) -> None:
             shutil.rmtree(d)
 
 
-@pytest.fixture(scope="module")
-def fsdp_run(verdict, tmp_path_factory) -> Path:
-    """Two processes, --strategy fsdp, 6 steps, sharded checkpoints at steps 2, 4 and 6."""
-    run = tmp_path_factory.mktemp("fsdp") / "run"
-    done = torchrun(*pretrain_args(verdict, run, "--strategy", "fsdp", *STEPS))
-    assert done.returncode == 0, done.stderr[-3000:]
+@pytest.fixture(scope="session")
+def fsdp_run(verdict, tmp_path_factory, worker_id) -> Path:
+    """Two processes, --strategy fsdp, 6 steps, sharded checkpoints at steps 2, 4 and 6: run once
+    per session, also when pytest-xdist spreads the tests using it over several workers."""
+    root = tmp_path_factory.getbasetemp() if worker_id == "master" else tmp_path_factory.getbasetemp().parent
+    run = root / "fsdp-run"
+    with FileLock(str(root / "fsdp-run.lock")):
+        if not (run / "final").is_dir():
+            shutil.rmtree(run, ignore_errors=True)
+            done = torchrun(*pretrain_args(verdict, run, "--strategy", "fsdp", *STEPS))
+            assert done.returncode == 0, done.stderr[-3000:]
     return run
 
 
@@ -313,6 +319,15 @@ def test_a_world_size_that_does_not_divide_the_batch(verdict, tmp_path):
     assert not run.exists()  # refused before anything was written
 
 
+def test_strategy_settings_that_cannot_work_are_one_line_errors(verdict, tmp_path, capsys):
+    base = pretrain_args(verdict, tmp_path / "run", "--max-steps", "1")
+    _one_line_error(capsys, [*base, "--strategy", "fsdp", "--cpu-offload"], "on cpu there is nothing to offload")
+    _one_line_error(capsys, [*base, "--cpu-offload"], "use it with --strategy fsdp")
+    (tmp_path / "recipe.json").write_text(json.dumps({"strategy": "zero3"}))
+    _one_line_error(capsys, [*base, "--recipe", str(tmp_path / "recipe.json")], "strategy must be one of ddp, fsdp, not 'zero3'")
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_checkpoint_from_another_model_is_a_one_line_error(fsdp_run, tmp_path, capsys):
     model_dir = tiny_model_dir(tmp_path / "m")
     data = write_json(tmp_path / "d.json", sft_records(16))
@@ -340,3 +355,37 @@ def test_a_checkpoint_from_another_model_is_a_one_line_error(fsdp_run, tmp_path,
     shutil.rmtree(other / "initial")
     shutil.copytree(fsdp_run / "checkpoints" / "initial", other / "initial")
     _one_line_error(capsys, ["checkpoint", "consolidate", str(other / "step-2"), "--out", str(tmp_path / "x")], "corrupt or truncated")
+
+
+# ---------------------------------------------------------------------------- GPUs (skipped without CUDA)
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+needs_two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs (NCCL between them)")
+
+
+@needs_cuda
+@pytest.mark.parametrize("precision,offload", [("bf16", False), ("fp16", False), ("bf16", True)])
+def test_fsdp_on_a_gpu(verdict, tmp_path, precision, offload):
+    """bf16 (bf16 gathers, fp32 reduce-scatter), fp16 with the loss scaler that checks every shard,
+    and parameter shards offloaded to the CPU: each learns as fp32 does, and consolidating the
+    last checkpoint gives final/."""
+    base = dict(data=str(verdict), model={**SMALL, "n_layers": 2}, max_steps=20, batch_size=8, lr=3e-3, warmup_steps=2,
+                eval_every=0, save_every=10, log_every=1, peak_flops=1e14)
+    pretrain(TrainConfig(out=str(tmp_path / "fp32"), precision="fp32", **base), progress=False)
+    pretrain(TrainConfig(out=str(tmp_path / "run"), precision=precision, strategy="fsdp", cpu_offload=offload, **base),
+             progress=False)
+    fp32, trained = [r[1] for r in curve(tmp_path / "fp32") if r[1]], [r[1] for r in curve(tmp_path / "run") if r[1]]
+    assert trained[-1] < trained[0] - 0.5 and trained[-1] == pytest.approx(fp32[-1], rel=0.05), trained
+    merged = weights(consolidate(tmp_path / "run" / "checkpoints" / "step-20", tmp_path / "merged"))
+    final = weights(tmp_path / "run" / "final")
+    assert all(torch.equal(merged[k], final[k]) for k in final)
+
+
+@needs_two_gpus
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_gpus_over_nccl_match_one(verdict, tmp_path, strategy):
+    """fp32 on two GPUs (NCCL) against one: the same curve up to summation order and GPU kernels."""
+    steps = ["--max-steps", "6", "--eval-every", "3", "--eval-batches", "2", "--save-every", "3", "--precision", "fp32"]
+    assert main(pretrain_args(verdict, tmp_path / "one", *steps)) == 0
+    two = torchrun(*pretrain_args(verdict, tmp_path / "two", "--strategy", strategy, *steps))
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert_same_curve(curve(tmp_path / "two"), curve(tmp_path / "one"), 1e-4)

@@ -7,8 +7,8 @@ knowledge distillation, each with full fine-tuning or LoRA/QLoRA (`FinetuneConfi
     print(result.metrics["accuracy"])
 
 Every task trains in the one training loop (`slmkit.train.loop`), so each has gradient
-accumulation, fp16 loss scaling, the model's MoE/MTP losses, DDP under `torchrun`, trackers,
-checkpoints and `resume=True`. A run directory holds metrics.jsonl, report.md (+ loss.png),
+accumulation, fp16 loss scaling, the model's MoE/MTP losses, DDP or FSDP (`cfg.strategy`) under
+`torchrun`, trackers, checkpoints and `resume=True`. A run directory holds metrics.jsonl, report.md (+ loss.png),
 finetune_config.json, `checkpoints/step-N/`, and `final/`: a model directory (for
 classification, a classifier directory) — with LoRA, the unchanged base model files plus
 `adapters/default/`.

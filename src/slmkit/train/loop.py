@@ -14,8 +14,8 @@ Each step:
     5) then      log; evaluate (keeping the best weights, stopping early); save a checkpoint
 
 A checkpoint holds all that the next step depends on (optimizer, scaler, data position, objective
-and RNG state, validation history), so a resumed run continues bit for bit; a sharded checkpoint (FSDP) resumes on any number
-of processes (`slmkit.train.sharded`). What differs between
+and RNG state, validation history), so a resumed run continues bit for bit; a sharded checkpoint
+(FSDP) resumes on any number of processes (`slmkit.train.sharded`). What differs between
 pretraining and the fine-tuning tasks is the data source (`slmkit.train.sources`) and the objective
 (`slmkit.train.objectives`); `slmkit.train.trainer` and `slmkit.finetune` set them up.
 """

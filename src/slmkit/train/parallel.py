@@ -2,7 +2,8 @@
 
     ddp   every process holds the whole model, optimizer state and gradients; DDP averages the
           gradients (on the last micro-step of an accumulated step only)
-    fsdp  FSDP2: `fully_shard` per transformer block, then the root (embeddings, final norm, head).
+    fsdp  FSDP2: `fully_shard` per transformer block, then the root (embeddings, final norm, head,
+          MTP modules).
           Each of K processes holds 1/K of every parameter, gradient and AdamW state and gathers a
           block's full weights only while that block runs; gradients are reduce-scattered after
           every micro-step, so accumulation keeps sharded gradients. Under bf16 the gathered
@@ -126,8 +127,9 @@ class Sharded:
         for block in transformer.layers:
             fully_shard(block, **options)
         fully_shard(twin, **options)
-        # 3) allocate this process's shards and fill them from the owner's weights, then free those
-        twin._apply(lambda t: torch.empty_like(t, device=self.device) if t.is_meta else t)
+        # 3) allocate this process's shards (offloaded: in CPU memory) and fill them from the owner's weights, then free those
+        home = torch.device("cpu") if cpu_offload else self.device
+        twin._apply(lambda t: torch.empty_like(t, device=home) if t.is_meta else t)
         set_model_state_dict(twin, owner.state_dict(), options=StateDictOptions(full_state_dict=True))
         for p in owner.parameters():
             p.data = torch.empty(0, dtype=p.dtype, device=p.device)
