@@ -335,8 +335,8 @@ def test_a_checkpoint_from_another_model_is_a_one_line_error(fsdp_run, tmp_path,
     finetune_sft(model_dir, data, tmp_path / "run", cfg=cfg, max_new_tokens=1, max_responses=1, progress=False)
     args = ["finetune", "sft", str(model_dir), "--data", str(data), "--out", str(tmp_path / "run"), "-q", "--resume",
             "--max-steps", "4"]
-    _one_line_error(capsys, [*args, "--lora-rank", "4"], "is of another model (layers.0.self_attn.q_proj.lora_A.default.weight is [2, 32] there, [4, 32] here)")
-    _one_line_error(capsys, [*args, "--strategy", "ddp", "--lora-targets", "q,k"], "it lacks this model's layers.0.self_attn.k_proj.lora_A.default.weight")
+    _one_line_error(capsys, [*args, "--lora-rank", "4"], "is of another model (layers.0.self_attn.k_proj.lora_A.default.weight is [2, 32] there, [4, 32] here)")
+    _one_line_error(capsys, [*args, "--strategy", "ddp", "--lora-targets", "q,k"], "it has layers.0.self_attn.o_proj.lora_A.default.weight, which this model lacks")
     assert json.loads((tmp_path / "run" / "finetune_config.json").read_text())["lora_rank"] == 2  # refused before anything was written
 
     other = tmp_path / "other" / "checkpoints"

@@ -111,12 +111,13 @@ def check_fits(checkpoint: Path, shapes: dict[str, tuple[int, ...]], *, complete
 def load(checkpoint: Path, tensors: dict[str, Any]) -> None:
     """Fill `tensors` (as passed to `ShardedSaver.save`, on any number of processes) in place."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 
     try:
         with warnings.catch_warnings():  # loading in one process is intended here, not a fallback
             warnings.filterwarnings("ignore", "torch.distributed is disabled")
             dcp.load(tensors, checkpoint_id=checkpoint / SHARDS, no_dist=not torch_dist.is_initialized())
-    except Exception as e:  # DCP wraps every reader failure in CheckpointException
+    except (Exception, CheckpointException) as e:  # DCP wraps every reader failure in CheckpointException
         raise InputError(f"checkpoint {checkpoint} is corrupt or truncated ({type(e).__name__}); "
                          "delete it to resume from an older one") from None
 
