@@ -7,8 +7,8 @@ knowledge distillation, each with full fine-tuning or LoRA/QLoRA (`FinetuneConfi
     print(result.metrics["accuracy"])
 
 Every task trains in the one training loop (`slmkit.train.loop`), so each has gradient
-accumulation, fp16 loss scaling, the model's MoE/MTP losses, DDP under `torchrun`, trackers,
-checkpoints and `resume=True`. A run directory holds metrics.jsonl, report.md (+ loss.png),
+accumulation, fp16 loss scaling, the model's MoE/MTP losses, DDP or FSDP (`cfg.strategy`) under
+`torchrun`, trackers, checkpoints and `resume=True`. A run directory holds metrics.jsonl, report.md (+ loss.png),
 finetune_config.json, `checkpoints/step-N/`, and `final/`: a model directory (for
 classification, a classifier directory) — with LoRA, the unchanged base model files plus
 `adapters/default/`.
@@ -39,9 +39,10 @@ from slmkit.model.lora import inject_lora, save_adapter
 from slmkit.quant.methods import quantize_int8
 from slmkit.tokenizer import Tokenizer
 from slmkit.train import checkpoint as ckpt
+from slmkit.train import parallel
 from slmkit.train.distributed import Dist
 from slmkit.train.distributed import setup as setup_distributed
-from slmkit.train.loop import FitResult, Loop
+from slmkit.train.loop import FitResult, Loop, check_resume
 from slmkit.train.objectives.classify import (
     Classification,
     ClassificationExample,
@@ -89,10 +90,13 @@ def _fit(model: nn.Module, objective, train: Sequence[Any], val: Sequence[Any], 
     checkpoint with `resume`); afterwards the model holds the best evaluation's weights."""
     if not len(train):
         raise InputError("no training examples")
+    parallel.check(cfg, dist)
     ckpt.check_run_dir(out, resume, force)
     dist.barrier()
     latest = ckpt.latest_checkpoint(out) if resume else None
     state = ckpt.load_state(latest) if latest else None
+    if state is not None:
+        check_resume(model, state, cfg.strategy)
     if dist.main:
         ckpt.prepare_run_dir(out, force and not resume, "finetune_config.json", cfg.to_dict())
     dist.barrier()
@@ -140,7 +144,8 @@ def _finish(tmp: Path, cfg: FinetuneConfig, result: FitResult, summary: dict[str
         "best step": result.best_step,
         "stopped early": str(result.stopped_early),
         "step time (s, median)": result.step_seconds,
-        "peak memory (MB)": result.peak_memory_mb,
+        "peak memory of rank 0 (MB)": result.peak_memory_mb,
+        "strategy": cfg.strategy,
         **summary,
     }
     write_report(tmp / "report.md", summary, cfg.to_dict(), model_cfg, plotted, title=title)

@@ -9,12 +9,12 @@ import warnings
 from typing import Sequence
 
 import slmkit
-from slmkit.cli import (agent, convert, data, export, finetune, generate, lora, model, models, quantize, quickstart, rag,
-                        sandbox, serve, tokenizer, train)
+from slmkit.cli import (agent, checkpoint, convert, data, export, finetune, generate, lora, model, models, quantize,
+                        quickstart, rag, sandbox, serve, tokenizer, train)
 from slmkit.errors import SlmkitError
 
-COMMANDS = (tokenizer, data, model, train, finetune, lora, quickstart, generate, models, convert, quantize, export, serve,
-            rag, agent, sandbox)  # in the order `slmkit --help` lists them
+COMMANDS = (tokenizer, data, model, train, finetune, checkpoint, lora, quickstart, generate, models, convert, quantize,
+            export, serve, rag, agent, sandbox)  # in the order `slmkit --help` lists them
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -11,7 +11,7 @@ from slmkit.config import parse_overrides
 
 # flag -> FinetuneConfig key (defaults live in FinetuneConfig)
 _TRAINING = ("max_steps", "max_minutes", "batch_size", "grad_accum", "lr", "min_lr", "warmup_steps", "weight_decay",
-             "clip", "precision", "eval_every", "patience", "log_every", "save_every", "keep_checkpoints", "seed", "log_to",
+             "clip", "precision", "activation_checkpointing", "strategy", "cpu_offload", "eval_every", "patience", "log_every", "save_every", "keep_checkpoints", "seed", "log_to",
              "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "qlora")
 
 
@@ -118,6 +118,13 @@ def _training_options(p: argparse.ArgumentParser, lr: float = 1e-4) -> None:
     g.add_argument("--weight-decay", type=float, help="AdamW weight decay of weight matrices (default: 0)")
     g.add_argument("--clip", type=float, help="max global gradient norm, 0 to disable (default: 1.0)")
     g.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], help="auto: fp32 on CPU, bf16/fp16 on GPU")
+    g.add_argument("--strategy", choices=["ddp", "fsdp"],
+                   help="under torchrun: ddp replicates the model on every process; fsdp shards parameters, gradients and "
+                        "optimizer state (FSDP2) and writes sharded checkpoints (default: ddp)")
+    g.add_argument("--cpu-offload", action="store_true", default=None,
+                   help="with --strategy fsdp on GPUs: keep parameter shards and the optimizer step on the CPU")
+    g.add_argument("--activation-checkpointing", action="store_true", default=None,
+                   help="recompute each block's activations in backward to save memory")
     g.add_argument("--eval-every", type=int, help="steps between validation runs; 0: only at the end (default: 50)")
     g.add_argument("--patience", type=int, help="early stop after N validations without improvement (default: 0, off)")
     g.add_argument("--log-every", type=int, help="steps between metrics.jsonl lines (default: 10)")

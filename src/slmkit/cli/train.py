@@ -11,7 +11,7 @@ from slmkit.config import parse_overrides
 # flag -> TrainConfig key, for the flags that map one to one (defaults live in TrainConfig)
 _FLAGS = (
     "data", "out", "preset", "tokenizer", "init", "max_steps", "max_minutes", "batch_size", "grad_accum",
-    "lr", "min_lr", "warmup_steps", "weight_decay", "clip", "precision", "compile", "activation_checkpointing",
+    "lr", "min_lr", "warmup_steps", "weight_decay", "clip", "precision", "compile", "activation_checkpointing", "strategy", "cpu_offload",
     "eval_every", "eval_batches", "save_every", "keep_checkpoints", "log_every", "seed", "peak_flops", "log_to",
 )
 
@@ -38,7 +38,7 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
     p = commands.add_parser(
         "pretrain", parents=[common], help="pretrain a model on token shards",
         description="Pretrain a model from a preset (or continue one with --init) on token shards from `slmkit data prepare`. "
-                    "Runs unchanged under `torchrun --nproc_per_node=K`. Settings come from TrainConfig defaults, "
+                    "Runs unchanged under `torchrun --nproc_per_node=K` (--strategy ddp or fsdp). Settings come from TrainConfig defaults, "
                     "then --recipe, then flags.",
         argument_default=argparse.SUPPRESS,  # only flags given on the command line override the recipe
     )
@@ -62,6 +62,10 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], help="auto: fp32 on CPU, bf16/fp16 on GPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (falls back to eager on failure)")
     p.add_argument("--activation-checkpointing", action="store_true", help="recompute activations in backward to save memory")
+    p.add_argument("--strategy", choices=["ddp", "fsdp"],
+                   help="under torchrun: ddp replicates the model on every process; fsdp shards parameters, gradients and "
+                        "optimizer state (FSDP2) and writes sharded checkpoints (default: ddp)")
+    p.add_argument("--cpu-offload", action="store_true", help="with --strategy fsdp on GPUs: keep parameter shards and the optimizer step on the CPU")
     p.add_argument("--eval-every", type=int, help="steps between validation runs, 0 for none (default: 200)")
     p.add_argument("--eval-batches", type=int, help="batches per validation run (default: 20)")
     p.add_argument("--save-every", type=int, help="steps between checkpoints, 0 for only the last (default: 500)")

@@ -4,7 +4,9 @@
     result = pretrain(TrainConfig(data="shards/", out="runs/tiny", preset="tiny", max_steps=2000))
     print(result.val_loss, result.tokens_per_s)
 
-Runs unchanged under `torchrun --nproc_per_node=K` (DDP). Fine-tuning lives in `slmkit.finetune`.
+Runs unchanged under `torchrun --nproc_per_node=K`: DDP, or FSDP2 with sharded checkpoints
+(`strategy="fsdp"`, `slmkit.train.parallel` and `slmkit.train.sharded`). Fine-tuning lives in
+`slmkit.finetune`.
 """
 
 from slmkit.train.loop import FitResult, Loop

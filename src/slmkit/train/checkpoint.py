@@ -1,4 +1,5 @@
-"""Checkpoints: `RUN/checkpoints/step-N/` = a model directory + `trainer_state/`.
+"""Checkpoints: `RUN/checkpoints/step-N/` = a model directory + `trainer_state/`; under
+`--strategy fsdp`, sharded weights + `trainer_state/` instead (`slmkit.train.sharded`).
 
 Each checkpoint is built in a hidden temporary directory and renamed into place, so a crash in
 the middle of a save leaves at most a hidden leftover, never a `step-N` that looks complete.
@@ -17,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from slmkit._io import atomic_dir, write_json
 from slmkit.errors import InputError, OutputExistsError
@@ -24,6 +26,8 @@ from slmkit.model.io import load_model
 from slmkit.model.transformer import Transformer
 
 STATE = "trainer_state"
+SHARDS = "shards"  # a sharded checkpoint's DCP directory
+INITIAL = "initial"  # a sharded run's starting model directory, beside its step-N
 _STEP_DIR = re.compile(r"step-(\d+)")
 
 
@@ -75,8 +79,16 @@ def remove_partial_saves(run: Path) -> None:
     """Delete hidden temporaries that a killed save left behind."""
     root = checkpoints_dir(run)
     if root.is_dir():
-        for d in root.glob(".step-*"):
+        for d in [*root.glob(".step-*"), *root.glob(f".{INITIAL}.*")]:
             shutil.rmtree(d, ignore_errors=True)
+
+
+def is_sharded(checkpoint: Path) -> bool:
+    return (checkpoint / SHARDS).is_dir()
+
+
+def initial_dir(run: Path) -> Path:
+    return checkpoints_dir(run) / INITIAL
 
 
 def latest_checkpoint(run: Path) -> Path | None:
@@ -85,16 +97,33 @@ def latest_checkpoint(run: Path) -> Path | None:
 
 
 def load_checkpoint(path: Path) -> tuple[Transformer, dict[str, Any]]:
-    """(model in train mode, trainer state); a truncated or corrupt checkpoint is an InputError."""
-    return load_model(path).train(), load_state(path)
+    """(model in train mode, trainer state); a truncated or corrupt checkpoint is an InputError.
+    A sharded checkpoint's model is its run's initial one: the loop loads the trained weights."""
+    return load_model(path.parent / INITIAL if is_sharded(path) else path).train(), load_state(path)
 
 
 def load_state(path: Path) -> dict[str, Any]:
-    """The trainer state of a checkpoint (tensors and plain values only)."""
+    """The trainer state of a checkpoint (tensors and plain values only); a sharded one's also
+    names its directory (`sharded`), where the loop finds weights and optimizer state."""
     try:
-        return torch.load(path / STATE / "state.pt", map_location="cpu", weights_only=True)
+        state = torch.load(path / STATE / "state.pt", map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError, ... on damage
         raise InputError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}); delete it to resume from an older one") from None
+    if is_sharded(path):
+        state["sharded"] = path
+    return state
+
+
+def trained_names(model: nn.Module, params: list[nn.Parameter]) -> set[str]:
+    """The state-dict names of what training changes: the parameters in `params` and the learned
+    buffers (the MoE router bias; quantized weights under QLoRA stay frozen)."""
+    from slmkit.quant.linear import QUANTIZED_LINEARS
+
+    trained = {id(p) for p in params}
+    frozen = {id(b) for m in model.modules() if isinstance(m, QUANTIZED_LINEARS) for b in m.buffers()}
+    names = {n for n, p in model.named_parameters() if id(p) in trained}
+    names |= {n for n, b in model.named_buffers() if b.is_floating_point() and id(b) not in frozen}
+    return names & model.state_dict(keep_vars=True).keys()  # not the buffers derived at load (RoPE tables)
 
 
 def rng_state() -> dict[str, Any]:

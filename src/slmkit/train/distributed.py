@@ -68,5 +68,5 @@ def setup() -> Dist:
     if world == 1:
         return Dist(device=device)
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(backend="cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo")  # gloo too: sharded saves and CPU offload
     return Dist(rank=dist.get_rank(), world=world, device=device)

@@ -7,19 +7,21 @@ Each step:
                  and K processes see the same global batch, and grad_accum=2, batch_size=4 sees the
                  same examples as batch_size=8
     2) forward   the objective's loss plus the model's own terms (MoE balance loss, MTP loss), under autocast
-    3) backward  through the GradScaler (a no-op unless fp16); DDP syncs gradients on the last micro-step only
-    4) update    unscale, clip, optimizer step at the scheduled LR, then the MoE router-bias update
+    3) backward  through the GradScaler (a no-op unless fp16); DDP syncs gradients on the last micro-step
+                 only, FSDP reduce-scatters them after each (`slmkit.train.parallel`)
+    4) update    unscale, clip, optimizer step at the scheduled LR, then the MoE router-bias update from
+                 the expert load of all ranks
     5) then      log; evaluate (keeping the best weights, stopping early); save a checkpoint
 
 A checkpoint holds all that the next step depends on (optimizer, scaler, data position, objective
-and RNG state, validation history), so a resumed run continues bit for bit. What differs between
+and RNG state, validation history), so a resumed run continues bit for bit; a sharded checkpoint
+(FSDP) resumes on any number of processes (`slmkit.train.sharded`). What differs between
 pretraining and the fine-tuning tasks is the data source (`slmkit.train.sources`) and the objective
 (`slmkit.train.objectives`); `slmkit.train.trainer` and `slmkit.finetune` set them up.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import sys
 import time
@@ -30,14 +32,15 @@ from typing import Any, Protocol
 
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from slmkit._io import atomic_dir
 from slmkit.errors import InputError
 from slmkit.model.lora import trainable_parameters
 from slmkit.model.moe import ExpertLoad, balance_step
 from slmkit.model.transformer import ModelOutput
 from slmkit.train import checkpoint as ckpt
+from slmkit.train import parallel, sharded
 from slmkit.train.distributed import Dist
 from slmkit.train.run_metrics import MetricsLog
 from slmkit.train.objectives import Objective
@@ -69,6 +72,9 @@ class RunConfig(Protocol):
     keep_checkpoints: int
     seed: int
     log_to: list[str]
+    strategy: str  # ddp | fsdp
+    cpu_offload: bool
+    activation_checkpointing: bool
 
     @property
     def final_lr(self) -> float: ...
@@ -114,6 +120,22 @@ def model_losses(model: nn.Module, output: ModelOutput | None, targets: torch.Te
     return (sum(terms) if terms else None), logs
 
 
+def check_resume(model: nn.Module, state: dict[str, Any], strategy: str) -> None:
+    """A checkpoint's trainer `state` can continue training `model` under `strategy`: an
+    InputError otherwise, raised before a resumed run touches its directory."""
+    if "sharded" in state:
+        model_state = model.state_dict()
+        names = ckpt.trained_names(model, [p for p in model.parameters() if p.requires_grad])
+        sharded.check_fits(state["sharded"], {k: tuple(model_state[k].shape) for k in names})
+    elif strategy == "fsdp":
+        raise InputError("the run was checkpointed with --strategy ddp (whole-model checkpoints); resume it with --strategy ddp")
+    elif "weights" in state:
+        unexpected = set(state["weights"]) - set(model.state_dict())
+        if unexpected:
+            raise InputError(f"the checkpoint does not fit this run's model (e.g. {min(unexpected)}); "
+                             "resume with the settings the run started with")
+
+
 class Loop:
     """Train `model` on `objective` with examples from `data`; evaluate on `val` (None: never).
 
@@ -121,8 +143,9 @@ class Loop:
     state) resumes a run; with `weights_in_state` the trained weights travel in it too (fine-tuning
     rebuilds its model as at the start; pretraining reloads the checkpoint's model directory).
     `restore_best` puts the best evaluation's weights back at the end; `patience` > 0 stops after
-    that many evaluations without improvement. `forward_model` is what runs the forward pass
-    (e.g. compiled); `flops_per_token` and `peak_flops` give MFU.
+    that many evaluations without improvement. `compile_example` (an input batch) asks for
+    torch.compile; `flops_per_token` and `peak_flops` give MFU. Under `cfg.strategy` fsdp the loop
+    trains a sharded twin of `model` and puts the trained weights into `model` when `fit` ends.
     """
 
     def __init__(
@@ -137,7 +160,7 @@ class Loop:
         *,
         state: dict[str, Any] | None = None,
         dist: Dist | None = None,
-        forward_model: nn.Module | None = None,
+        compile_example: torch.Tensor | None = None,
         weights_in_state: bool = False,
         restore_best: bool = False,
         patience: int = 0,
@@ -150,16 +173,25 @@ class Loop:
         self.dist = dist or Dist(device=next(model.parameters()).device)
         self.weights_in_state, self.restore_best, self.patience = weights_in_state, restore_best, patience
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
-        if cfg.batch_size % self.dist.world:
-            raise InputError(f"batch_size {cfg.batch_size} must be divisible by the number of processes {self.dist.world}")
         self.precision = resolve_precision(cfg.precision, self.dist.device)
-        self.optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
-        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        if not self.params:
+        parallel.check(cfg, self.dist)
+        if not any(p.requires_grad for p in model.parameters()):
             raise InputError("nothing to train: every parameter is frozen")
-        self.scaler = self.precision.scaler()
-        forward_model = forward_model or model
-        self.forward_model = DistributedDataParallel(forward_model) if self.dist.enabled else forward_model
+        if state is not None:
+            check_resume(model, state, cfg.strategy)
+        self.saver = None
+        if cfg.strategy == "fsdp":
+            self._write_initial()
+        # the module that trains: `model` itself, or (fsdp) its sharded twin
+        self.parallel = parallel.wrap(model, cfg, self.dist, self.precision, compile_example)
+        self.model, self.forward_model = self.parallel.model, self.parallel.forward
+        if self.parallel.sharded:
+            self.saver = sharded.ShardedSaver(self.run, cfg.keep_checkpoints, self.dist)
+        self.optimizer = build_optimizer(self.model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
+        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        # named now, while every shard is in place (FSDP keeps the root's weights gathered after an eval forward)
+        self.trained = sorted(ckpt.trained_names(self.model, self.params))
+        self.scaler = self.parallel.scaler()
 
         self.step, self.tokens, self.history = 0, 0, []
         self.best, self.best_step, self.best_weights = None, 0, None
@@ -212,8 +244,11 @@ class Loop:
         bar.close()
         if self.log:
             self.log.close()
+        if self.saver is not None:
+            self.saver.wait()
         if self.best_weights is not None:
             self._load_weights(self.best_weights)
+        self.model = self.parallel.finish()
         self.model.eval()
         best_step = self.best_step if self.best is not None else self.step
         return FitResult(self.step, best_step, self.best or {}, self.history, loss, self.tokens, tok_s, mfu,
@@ -233,8 +268,7 @@ class Loop:
             part = examples[m * cfg.batch_size + dist.rank : (m + 1) * cfg.batch_size : dist.world]
             batch = {k: v.to(dist.device) if isinstance(v, torch.Tensor) else v for k, v in self.objective.collate(part).items()}
             tokens += batch["input_ids"].numel()
-            syncing = not dist.enabled or m == cfg.grad_accum - 1
-            with contextlib.nullcontext() if syncing else self.forward_model.no_sync():
+            with self.parallel.no_sync(last=m == cfg.grad_accum - 1):
                 # 2) forward: the objective's loss and the model's own terms
                 with self.precision.autocast():
                     step = self.objective.loss(self.forward_model, batch)
@@ -251,9 +285,11 @@ class Loop:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        moe_stats = balance_step(self.model, loads)  # auxiliary-loss-free bias update from this step's expert load
+        # auxiliary-loss-free router-bias update from this step's expert load, summed over ranks so every rank moves alike
+        loads = [ExpertLoad(dist.sum(x.load), dist.sum(x.dropped)) if x is not None else None for x in loads]
+        moe_stats = balance_step(self.model, loads)
         means = dist.mean(torch.stack([torch.as_tensor(v, dtype=torch.float32, device=dist.device) for v in sums.values()]))
-        return {**dict(zip(sums, means.tolist())), "grad_norm": grad_norm.item(), **moe_stats}, int(dist.sum(tokens))
+        return {**dict(zip(sums, means.tolist())), "grad_norm": parallel.scalar(grad_norm), **moe_stats}, int(dist.sum(tokens))
 
     def validate(self, bar: tqdm) -> bool:
         """Evaluate on `val`, log it, keep the best weights; True when early stopping says stop.
@@ -288,15 +324,36 @@ class Loop:
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> None:
+        if self.saver is not None:  # every rank writes its shards; rank 0 the plain state
+            self.saver.save(self.step, self.state_dict(), self._sharded_tensors())
+            return
         if self.dist.main:
             ckpt.save_checkpoint(self.run, self.step, self.save_model, self.state_dict(), self.cfg.keep_checkpoints)
         self.dist.barrier()
 
+    def _write_initial(self) -> None:
+        """A sharded run's checkpoints hold weights only; their model directory is the starting one."""
+        initial = ckpt.initial_dir(self.run)
+        if self.dist.main and not (initial / "config.json").is_file():
+            with atomic_dir(initial, force=True) as tmp:
+                self.save_model(tmp)
+        self.dist.barrier()
+
+    def _sharded_tensors(self) -> dict[str, Any]:
+        """What a sharded checkpoint's DCP directory holds: this rank's shards of the trained
+        weights, the optimizer state (by parameter name) and the best evaluation's weights."""
+        state = self.model.state_dict()
+        tensors = {"model": {k: state[k] for k in self.trained},
+                   "optimizer": sharded.optimizer_state(self.model, self.optimizer)}
+        if self.best_weights is not None:
+            tensors["best"] = self.best_weights
+        return tensors
+
     def state_dict(self) -> dict[str, Any]:
+        """The plain state of a checkpoint (under FSDP the tensors go to `_sharded_tensors`)."""
         state = {
             "step": self.step,
             "tokens": self.tokens,
-            "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
             "data": self.data.state_dict(),
             "objective": self.objective.state_dict() if hasattr(self.objective, "state_dict") else {},
@@ -304,34 +361,51 @@ class Loop:
             "history": self.history,
             "best": self.best,
             "best_step": self.best_step,
-            "best_weights": self.best_weights,
             "evals_without_gain": self.evals_without_gain,
             "stopped_early": self.stopped_early,
         }
-        if self.weights_in_state:
-            state["weights"] = self._trained_weights()
+        if self.saver is not None:
+            state["has_best_weights"] = self.best_weights is not None
+        else:
+            state["optimizer"] = self.optimizer.state_dict()
+            state["best_weights"] = self.best_weights
+            if self.weights_in_state:
+                state["weights"] = self._trained_weights()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if self.weights_in_state:
-            self._load_weights(state["weights"])
+        if "sharded" in state:
+            self._load_sharded(state["sharded"], state["has_best_weights"])
+        else:
+            if self.weights_in_state:
+                self._load_weights(state["weights"])
+            self.best_weights = state["best_weights"]
+            self.optimizer.load_state_dict(state["optimizer"])
         self.step, self.tokens, self.history = state["step"], state["tokens"], state["history"]
-        self.best, self.best_step, self.best_weights = state["best"], state["best_step"], state["best_weights"]
+        self.best, self.best_step = state["best"], state["best_step"]
         self.evals_without_gain, self.stopped_early = state["evals_without_gain"], state["stopped_early"]
-        self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.data.load_state_dict(state["data"])
         if hasattr(self.objective, "load_state_dict"):
             self.objective.load_state_dict(state["objective"])
         ckpt.set_rng_state(state["rng"])
 
+    def _load_sharded(self, checkpoint, has_best: bool) -> None:
+        """Weights, optimizer state and best weights from a sharded checkpoint, resharded to
+        however many ranks this run has (the weights in place, into the shards that train)."""
+        state = self.model.state_dict()
+        tensors = {"model": {k: state[k] for k in self.trained},
+                   "optimizer": sharded.optimizer_state(self.model, self.optimizer)}
+        if has_best:
+            tensors["best"] = {k: state[k].detach().clone() for k in self.trained}
+        sharded.load(checkpoint, tensors)
+        sharded.load_optimizer(self.model, self.optimizer, tensors["optimizer"])
+        self.best_weights = tensors.get("best")
+
     def _trained_weights(self) -> dict[str, torch.Tensor]:
-        """What training changes: the trainable parameters and the floating-point buffers (the MoE
-        router bias), copied."""
-        trained = {id(p) for p in self.params}
-        names = {n for n, p in self.model.named_parameters() if id(p) in trained}
-        names |= {n for n, b in self.model.named_buffers() if b.is_floating_point()}
-        return {k: v.detach().clone() for k, v in self.model.state_dict().items() if k in names}
+        """What training changes (`checkpoint.trained_names`), copied."""
+        state = self.model.state_dict()
+        return {k: state[k].detach().clone() for k in self.trained}
 
     def _load_weights(self, weights: dict[str, torch.Tensor]) -> None:
         unexpected = self.model.load_state_dict(weights, strict=False).unexpected_keys

@@ -20,6 +20,7 @@ from slmkit.train.schedule import derived_warmup
 from slmkit.train.trackers import check_tracker_names
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+STRATEGIES = ("ddp", "fsdp")  # see slmkit.train.parallel
 
 
 class _RunSettings:
@@ -40,6 +41,8 @@ class _RunSettings:
             raise InputError(f"min_lr must be in [0, lr={self.lr}], not {self.min_lr}")
         if self.precision not in PRECISIONS:
             raise InputError(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
+        if self.strategy not in STRATEGIES:
+            raise InputError(f"strategy must be one of {', '.join(STRATEGIES)}, not {self.strategy!r}")
         check_tracker_names(self.log_to)
 
     @property
@@ -77,6 +80,8 @@ class TrainConfig(_RunSettings):
     precision: str = "auto"  # auto: fp32 on CPU, bf16 on GPUs that have it, else fp16
     compile: bool = False
     activation_checkpointing: bool = False
+    strategy: str = "ddp"  # over torchrun's processes: ddp (replicate) or fsdp (shard: FSDP2 + sharded checkpoints)
+    cpu_offload: bool = False  # fsdp on CUDA: parameter shards and the optimizer step on the CPU
     eval_every: int = 200  # 0: no validation
     eval_batches: int = 20
     save_every: int = 500  # 0: only the final checkpoint
@@ -120,6 +125,9 @@ class FinetuneConfig(_RunSettings):
     beta2: float = 0.999
     clip: float = 1.0
     precision: str = "auto"
+    activation_checkpointing: bool = False
+    strategy: str = "ddp"
+    cpu_offload: bool = False
     eval_every: int = 50  # 0: evaluate only at the end
     patience: int = 0  # stop after this many evaluations without improvement; 0: never
     log_every: int = 10

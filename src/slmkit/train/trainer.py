@@ -18,7 +18,7 @@ from slmkit.data import RandomWindowSampler, SlidingWindowDataset, read_manifest
 from slmkit.errors import InputError
 from slmkit.model.io import save_model_dir
 from slmkit.train import checkpoint as ckpt
-from slmkit.train.accel import compile_or_eager, enable_activation_checkpointing
+from slmkit.train import parallel
 from slmkit.train.distributed import setup as setup_distributed
 from slmkit.train.loop import FitResult, Loop
 from slmkit.train.run_metrics import flops_per_token, measure_peak_flops, read_metrics
@@ -56,6 +56,7 @@ class Trainer:
         self.cfg = cfg
         self.dist = dist = setup_distributed()
         self.run = Path(cfg.out)
+        parallel.check(cfg, dist)
         ckpt.check_run_dir(self.run, resume, force)
         dist.barrier()  # every rank checks before rank 0 creates it
 
@@ -70,15 +71,10 @@ class Trainer:
             ckpt.prepare_run_dir(self.run, force and not resume, "train_config.json", cfg.to_dict())
         dist.barrier()
 
-        if cfg.activation_checkpointing:
-            enable_activation_checkpointing(model)
-        forward_model = model
-        if cfg.compile:
-            example = torch.zeros(1, model.cfg.context_length, dtype=torch.long, device=dist.device)
-            forward_model = compile_or_eager(model, example)
+        example = torch.zeros(1, model.cfg.context_length, dtype=torch.long, device=dist.device) if cfg.compile else None
         self.peak_flops = cfg.peak_flops or measure_peak_flops(dist.device, resolve_precision(cfg.precision, dist.device).dtype)
         self.loop = Loop(model, self.objective, RandomWindows(sampler, self.objective.batch), val, cfg, self.run,
-                         lambda d: save_model_dir(model, d, self.tokenizer), state=state, dist=dist, forward_model=forward_model,
+                         lambda d: save_model_dir(model, d, self.tokenizer), state=state, dist=dist, compile_example=example,
                          flops_per_token=flops_per_token(model), peak_flops=self.peak_flops, progress=progress)
 
     def _validation_windows(self) -> list | None:
@@ -112,6 +108,7 @@ class Trainer:
             "objective": self.objective.name,
             "precision": self.loop.precision.name,
             "processes": self.dist.world,
+            "strategy": self.cfg.strategy,
             "steps": result.steps,
             "warmup steps": f"{self.cfg.warmup}" + (" (derived from the run length)" if self.cfg.warmup_steps is None else ""),
             "tokens": result.tokens,
@@ -120,6 +117,8 @@ class Trainer:
             "final val perplexity": result.val_ppl,
             "tokens/s (last step)": result.tokens_per_s,
             "MFU (last step)": result.mfu,
+            "step time (s, median)": fit.step_seconds,
+            "peak memory of rank 0 (MB)": fit.peak_memory_mb,
             "peak FLOP/s per device": self.peak_flops,
         }
         write_report(self.run / "report.md", summary, self.cfg.to_dict(), self.model.cfg.to_dict(), plotted)
