@@ -97,6 +97,17 @@ def test_imported_tokenizers_map_to_their_llama_cpp_pre_tokenizer(case, tmp_path
     assert kv["tokenizer.ggml.add_bos_token"] is (case == "llama3")
 
 
+@pytest.mark.parametrize("pre", ["gpt-2", "smollm", "qwen2", "llama-bpe"])
+def test_a_model_imported_from_gguf_exports_with_its_pre_tokenizer(pre, tmp_path):
+    """The GGUF importer writes llama.cpp's own spelling of the split regexes into tokenizer.json."""
+    from gguf_files import tiny_gguf
+
+    from slmkit.convert import from_gguf
+
+    model_dir = from_gguf(tiny_gguf(tmp_path / "in.gguf", pre=pre), tmp_path / "model")
+    assert fields(export_gguf(model_dir, tmp_path / "out.gguf", type="f32"))["tokenizer.ggml.pre"] == pre
+
+
 def test_llama3_rope_scaling_is_written_as_rope_freqs(tmp_path):
     path = export_gguf(imported("llama3", tmp_path), tmp_path / "m.gguf", type="f16")
     reader = gguf.GGUFReader(path)

@@ -52,6 +52,16 @@ def test_generate_prints_the_greedy_continuation(model_dir, capsys):
     assert code == 2 and "beam" in err
 
 
+def test_generate_chat_answers_one_user_message_as_chat_does(model_dir, capsys, monkeypatch):
+    code, out, _ = run(capsys, "generate", model_dir, "hello there", "--chat", "--max-new-tokens", 6)
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello there\n"))
+    assert code == 0 and (out, "") == run(capsys, "chat", model_dir, "--max-new-tokens", 6)[1:]
+    model, tokenizer = slmkit.load(model_dir)
+    assert out == "".join(ChatSession(model, tokenizer, max_new_tokens=6).send("hello there")) + "\n"
+    code, _, err = run(capsys, "generate", model_dir, "hi", "--chat", "--stop", "x")
+    assert code == 2 and "--chat" in err
+
+
 def test_generate_sampling_options_and_seed(model_dir, capsys):
     argv = ["generate", model_dir, "The", "--max-new-tokens", 20, "--temperature", 1.0, "--top-k", 50, "--top-p", 0.9,
             "--min-p", 0.01, "--repetition-penalty", 1.2, "--frequency-penalty", 0.1, "--presence-penalty", 0.1, "--seed", 3]

@@ -47,3 +47,27 @@ def test_quickstart_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture) ->
     for key in ("val perplexity", "val bits per byte", "completions that parse", "slmkit chat"):
         assert key in report and key.split()[0] in printed
     assert main(args) == 2 and "already exists" in capsys.readouterr().err
+
+
+def test_quickstart_from_a_base_model_keeps_its_tokenizer_and_reports_both(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import json
+
+    from specialize_fixtures import tiny_model_dir
+
+    base = tiny_model_dir(tmp_path / "base", context_length=128)
+    out = tmp_path / "qs"
+    corpus = [str(STDLIB / name) for name in ("json", "logging", "concurrent")]
+    args = ["quickstart", "--base", str(base), "--corpus", *corpus, "--out", str(out), "--minutes", "0.05", "--samples", "2",
+            "--eval-tokens", "3000", "-q"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    before, after = report["evaluation"]["base"], report["evaluation"]["adapted"]
+    assert before["tokens"] == after["tokens"] and 2900 < after["tokens"] <= 3000
+    assert after["perplexity"] < before["perplexity"]  # a random base: any training helps
+    assert "held-out perplexity" in printed and "->" in report["summary"]["held-out perplexity"]
+    assert not (out / "tokenizer").exists() and (out / "data" / "tokenizer.json").read_text() == (base / "tokenizer.json").read_text()
+    train_config = json.loads((out / "run" / "train_config.json").read_text())
+    assert (train_config["init"], train_config["seq_len"]) == (str(base), 128)
+    assert main([*args[:-1], "--force", "--vocab-size", "512"]) == 2
+    assert "--vocab-size trains a new tokenizer" in capsys.readouterr().err

@@ -192,3 +192,12 @@ def test_recipe_and_init(verdict, tmp_path):
     assert math.isfinite(losses(records)[-1])
     config = json.loads((tmp_path / "b" / "final" / "config.json").read_text())
     assert config["d_model"] == 32 and config["vocab_size"] == 512
+
+
+def test_seq_len_trains_on_shorter_windows_and_keeps_the_models_context(verdict, tmp_path, capsys):
+    records = run(verdict, tmp_path / "a", max_steps=2, batch_size=4, seq_len=16)
+    assert [r["tokens"] for r in records if "loss" in r] == [64, 128]  # 4 windows of 16 tokens per step
+    assert json.loads((tmp_path / "a" / "final" / "config.json").read_text())["context_length"] == SMALL["context_length"]
+    _one_line_error(capsys, ["pretrain", "-q", "--data", str(verdict), "--out", str(tmp_path / "b"), "--init",
+                             str(tmp_path / "a" / "final"), "--seq-len", "999"], "seq_len 999 is longer than the model's context")
+    assert not (tmp_path / "b").exists()

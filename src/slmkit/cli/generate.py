@@ -65,14 +65,35 @@ def _report_run(args: argparse.Namespace, model) -> None:
         print(offload_stats(model).summary(), file=sys.stderr)
 
 
+def _chat_session(args: argparse.Namespace, model, tokenizer):
+    """A chat in the model's own chat format, with the command line's sampling settings."""
+    from slmkit.chat import ChatFormat
+    from slmkit.generation.chat import ChatSession
+    from slmkit.generation.sampling import SamplingParams
+
+    settings = _settings(args)
+    settings.pop("stop_tokens")  # the chat format decides what ends a reply
+    max_new_tokens, seed = settings.pop("max_new_tokens", 256), settings.pop("seed", None)
+    return ChatSession(model, tokenizer, max_new_tokens, SamplingParams(**settings), seed,
+                       ChatFormat.for_model(args.model, tokenizer))
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     from slmkit.generation import generate, stream
 
     if args.stream and args.num_beams > 1:
         raise InputError("--stream works with greedy decoding and sampling, not with beam search (--num-beams)")
+    if args.chat and (args.num_beams > 1 or args.stop):
+        raise InputError("--chat answers in the model's chat format, which decides where the reply ends; "
+                         "drop --num-beams and --stop")
     model, tokenizer = _load_for_generation(args)
     settings = _settings(args)
-    if args.stream:
+    if args.chat:
+        for delta in _chat_session(args, model, tokenizer).send(args.prompt):
+            sys.stdout.write(delta)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+    elif args.stream:
         for delta in stream(model, tokenizer, args.prompt, stop=args.stop, **settings):
             sys.stdout.write(delta)
             sys.stdout.flush()
@@ -83,18 +104,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
-    from slmkit.chat import ChatFormat
-    from slmkit.generation.chat import ChatSession, repl
-    from slmkit.generation.sampling import SamplingParams
+    from slmkit.generation.chat import repl
     from slmkit.model.io import load
 
     model, tokenizer = load(args.model, args.device, args.dtype)
-    settings = _settings(args)
-    settings.pop("stop_tokens")  # the chat format decides what ends a reply
-    max_new_tokens, seed = settings.pop("max_new_tokens", 256), settings.pop("seed", None)
-    session = ChatSession(model, tokenizer, max_new_tokens, SamplingParams(**settings), seed,
-                          ChatFormat.for_model(args.model, tokenizer))
-    repl(session, sys.stdin, sys.stdout)
+    repl(_chat_session(args, model, tokenizer), sys.stdin, sys.stdout)
 
 
 def cmd_eval_perplexity(args: argparse.Namespace) -> None:
@@ -131,6 +145,9 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
                    help="beam search with N beams, length-normalized (ignores the sampling options; default: 1)")
     p.add_argument("--stop", action="append", default=[], metavar="STR", help="end the output before this string (repeat for several)")
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
+    p.add_argument("--chat", action="store_true",
+                   help="PROMPT is a user message: answer it in the model's chat format (as `slmkit chat` does), "
+                        "streamed, ending where the format ends a reply")
     p.add_argument("--backend", choices=["torch", "onnx"], default="torch",
                    help="torch: a model directory in PyTorch; onnx: an `slmkit export onnx` directory on ONNX Runtime")
     p.add_argument("--offload", choices=["cpu", "disk"],

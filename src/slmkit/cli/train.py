@@ -10,8 +10,9 @@ from slmkit.config import parse_overrides
 
 # flag -> TrainConfig key, for the flags that map one to one (defaults live in TrainConfig)
 _FLAGS = (
-    "data", "out", "preset", "tokenizer", "init", "max_steps", "max_minutes", "batch_size", "grad_accum",
-    "lr", "min_lr", "warmup_steps", "weight_decay", "clip", "precision", "compile", "activation_checkpointing", "strategy", "cpu_offload",
+    "data", "out", "preset", "tokenizer", "init", "seq_len", "max_steps", "max_minutes", "batch_size", "grad_accum",
+    "lr", "min_lr", "warmup_steps", "weight_decay", "clip", "precision", "compile", "activation_checkpointing", "strategy",
+    "cpu_offload",
     "eval_every", "eval_batches", "save_every", "keep_checkpoints", "log_every", "seed", "peak_flops", "log_to",
 )
 
@@ -50,6 +51,9 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a model config field (repeatable)")
     p.add_argument("--tokenizer", metavar="DIR", help="tokenizer the data was prepared with (default: the --init model's, else the copy in DATA)")
     p.add_argument("--init", metavar="MODEL_DIR", help="continue pretraining this model directory")
+    p.add_argument("--seq-len", type=int, metavar="N",
+                   help="tokens per training window (default: the model's context); shorter windows make each step "
+                        "cheaper, e.g. to continue a model with an 8192-token context on a CPU")
     p.add_argument("--max-steps", type=int, help="optimizer steps (default: 1000); the LR schedule ends here")
     p.add_argument("--max-minutes", type=float, help="stop (with a checkpoint) after this many minutes")
     p.add_argument("--batch-size", type=int, help="windows per micro-step over all processes (default: 8)")

@@ -38,6 +38,7 @@ import torch
 from slmkit.chat import ChatFormat
 from slmkit.chat.ollama import ollama_template
 from slmkit.config import ModelConfig
+from slmkit.convert.gguf_vocab import PRE_TOKENIZERS as LLAMA_CPP_REGEXES
 from slmkit.errors import ExportError, InputError, MissingExtraError, OutputExistsError
 from slmkit.model.io import generation_defaults, load
 from slmkit.model.layers import rope_frequencies
@@ -52,6 +53,10 @@ QWEN2_PATTERN = GPT4_PATTERN.replace(r"\p{N}{1,3}", r"\p{N}")  # digits one by o
 # The regexes each llama.cpp pre-tokenizer splits with, in order (src/llama-vocab.cpp), as tokenizer.json writes them.
 PRE_TOKENIZERS = {(GPT4_PATTERN,): "llama-bpe", (QWEN2_PATTERN,): "qwen2", (r"\p{N}", GPT2_PATTERN): "smollm",
                   (GPT2_PATTERN,): "gpt-2"}
+# A tokenizer imported from a GGUF file splits with llama.cpp's own spelling of them: GPT-2's regex
+# without the final `|\s+`, which only catches text no other branch matches, and a Split step (HF
+# tokenizers) or llama.cpp keeps such text as a piece of its own anyway.
+PRE_TOKENIZERS |= {LLAMA_CPP_REGEXES[name].regexes: name for name in ("llama-bpe", "qwen2", "smollm", "gpt-2")}
 
 
 def _import_gguf():
@@ -103,7 +108,7 @@ def pre_tokenizer(tokenizer: Tokenizer) -> str:
     else:
         regexes, normalizer = (tokenizer.pattern,), tokenizer.normalizer
     if regexes not in PRE_TOKENIZERS:
-        known = ", ".join(PRE_TOKENIZERS.values())
+        known = ", ".join(dict.fromkeys(PRE_TOKENIZERS.values()))
         raise ExportError(f"GGUF needs a pre-tokenizer llama.cpp knows ({known}); this tokenizer splits text with "
                           f"other regexes: {' then '.join(regexes) or 'none'}")
     if normalizer not in (None, "nfc", "NFC"):

@@ -7,7 +7,6 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from slmkit.chat import StopTokens, stop_token_ids
-from slmkit.errors import InputError
 from slmkit.generation.decode import beam_search, model_device, sample
 from slmkit.generation.sampling import SamplingParams
 from slmkit.generation.text import TextStream

@@ -45,16 +45,16 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size:
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """W [out, in] and H [in, in] -> (codes int8 [out, in], scales [out, groups], zeros [out, groups],
     perm or None). With act_order, codes and groups are in the column order `perm`."""
-    W = w.detach().float().clone()
+    W = w.detach().float().t().contiguous()  # [in, out]: each column of w is a contiguous row here
     H = hessian.detach().float().to(W.device, copy=True)
-    n_out, n_in = W.shape
+    n_in, n_out = W.shape
     dead = H.diagonal() == 0  # inputs never active: their weights do not matter
     H[dead, dead] = 1
-    W[:, dead] = 0
+    W[dead] = 0
     perm = None
     if act_order:
         perm = torch.argsort(H.diagonal(), descending=True)
-        W, H = W[:, perm], H[perm][:, perm]
+        W, H = W[perm], H[perm][:, perm]
     H += damp * H.diagonal().mean() * torch.eye(n_in, device=H.device)
     try:
         U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
@@ -62,25 +62,26 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size:
         raise InputError(f"the calibration Hessian is not positive definite even with dampening {damp}; "
                          "raise --damp or give more calibration samples") from None
 
-    codes = torch.zeros(n_out, n_in, dtype=torch.int8, device=W.device)
-    scales = torch.zeros(n_out, n_in // group_size, device=W.device)
-    zeros = torch.zeros(n_out, n_in // group_size, device=W.device)
+    codes = torch.zeros(n_in, n_out, dtype=torch.int8, device=W.device)
+    scales = torch.zeros(n_in // group_size, n_out, device=W.device)
+    zeros = torch.zeros(n_in // group_size, n_out, device=W.device)
     for i1 in range(0, n_in, block_size):
         i2 = min(i1 + block_size, n_in)
-        W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
+        W1, U1 = W[i1:i2].clone(), U[i1:i2, i1:i2]
         errors = torch.zeros_like(W1)
         for i in range(i2 - i1):
             col = i1 + i
             if col % group_size == 0:
-                scale, zero = qparams(torch.cat((W1[:, i:], W[:, i2:]), 1)[:, :group_size], bits, symmetric)
-                scales[:, col // group_size], zeros[:, col // group_size] = scale[:, 0], zero[:, 0]
-            q = quantize_codes(W1[:, i : i + 1], scale, zero, bits)
-            codes[:, col] = q[:, 0].to(torch.int8)
-            err = (W1[:, i] - ((q - zero) * scale)[:, 0]) / U1[i, i]
-            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
-            errors[:, i] = err
-        W[:, i2:] -= errors @ U[i1:i2, i2:]
-    return codes, scales, zeros, perm
+                scale, zero = qparams(torch.cat((W1[i:], W[i2:]))[:group_size].t(), bits, symmetric)
+                scale, zero = scale[:, 0], zero[:, 0]
+                scales[col // group_size], zeros[col // group_size] = scale, zero
+            q = quantize_codes(W1[i], scale, zero, bits)
+            codes[col] = q.to(torch.int8)
+            err = (W1[i] - (q - zero) * scale) / U1[i, i]
+            W1[i:] -= U1[i, i:, None] * err[None, :]
+            errors[i] = err
+        W[i2:] -= U[i1:i2, i2:].t() @ errors
+    return codes.t().contiguous(), scales.t().contiguous(), zeros.t().contiguous(), perm
 
 
 @torch.no_grad()

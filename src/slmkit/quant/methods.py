@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from slmkit.errors import InputError
+from slmkit.model.transformer import Transformer
 from slmkit.quant import METHODS, fp8, gptq, smoothquant
 from slmkit.quant.linear import FP8Linear, QuantizedLinear, group_size_fields
 from slmkit.quant.rtn import check_group_size, quantize_rtn
@@ -100,6 +101,8 @@ def quantize_model(model: nn.Module, method: str, *, group_size: int | None = No
     layer), 0 per channel (per tensor for fp8)."""
     sizes = group_sizes(model, method, group_size)
     model.eval()
+    if isinstance(model, Transformer):  # calibration hooks must see each linear called on its own, not packed
+        model.use_decoding_layout(False)
     if method in NEEDS_CALIBRATION and calib_ids is None:
         raise InputError(f"{method} needs calibration text: pass --calib FILES (text like the model's domain)")
     linears = linear_targets(model, include=BLOCKS)

@@ -66,6 +66,7 @@ class TrainConfig(_RunSettings):
     model: dict[str, Any] = field(default_factory=dict)  # ModelConfig overrides (`--set k=v`)
     tokenizer: str | None = None  # None: the --init model's, else the copy in DATA (see setup.load_tokenizer)
     init: str | None = None  # a model directory to continue pretraining from
+    seq_len: int | None = None  # tokens per training window; None: the model's context
     max_steps: int = 1000
     max_minutes: float | None = None  # stop earlier (after a final checkpoint) when time is up
     batch_size: int = 8  # rows per micro-step, summed over all ranks
@@ -96,6 +97,8 @@ class TrainConfig(_RunSettings):
     def __post_init__(self) -> None:
         self._check(("max_steps", "batch_size", "grad_accum", "eval_batches", "keep_checkpoints", "log_every"),
                     ("warmup_steps", "eval_every", "save_every", "weight_decay", "clip"))
+        if self.seq_len is not None and self.seq_len < 1:
+            raise InputError(f"seq_len must be at least 1, not {self.seq_len}")
         if not isinstance(self.model, dict):
             raise InputError(f"model must be a mapping of ModelConfig overrides, not {self.model!r}")
 

@@ -14,9 +14,10 @@ from slmkit.model.transformer import Transformer
 from slmkit.train.trackers import Tracker
 
 
-def flops_per_token(model: Transformer) -> float:
+def flops_per_token(model: Transformer, seq_len: int | None = None) -> float:
     """Training FLOPs per token: 6 per non-embedding parameter (forward 2 + backward 4), plus
-    attention's score and value matmuls (PaLM appendix B: 12 * layers * heads * head_dim * T).
+    attention's score and value matmuls (PaLM appendix B: 12 * layers * heads * head_dim * T) over
+    windows of T = `seq_len` tokens (default: the model's context).
 
     A tied output head is a matmul that the non-embedding count leaves out; it is added back.
     """
@@ -24,7 +25,7 @@ def flops_per_token(model: Transformer) -> float:
     params = model.num_parameters(embedding=False)
     if cfg.tie_embeddings:
         params += cfg.d_model * cfg.vocab_size
-    attention = 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * cfg.context_length
+    attention = 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * (seq_len or cfg.context_length)
     return 6 * params + attention
 
 

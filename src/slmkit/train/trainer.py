@@ -64,22 +64,25 @@ class Trainer:
         latest = ckpt.latest_checkpoint(self.run) if resume else None
         model, state = ckpt.load_checkpoint(latest) if latest else (build_model(cfg, self.tokenizer), None)
         self.model = model.to(dist.device)
+        self.seq_len = cfg.seq_len or model.cfg.context_length  # windows shorter than the context: cheaper steps
+        if self.seq_len > model.cfg.context_length:
+            raise InputError(f"seq_len {self.seq_len} is longer than the model's context of {model.cfg.context_length} tokens")
         self.objective = objective_for(model.cfg, self.tokenizer, cfg.seed, eval_batch_size=cfg.batch_size)
-        sampler = RandomWindowSampler(cfg.data, model.cfg.context_length, "train", cfg.seed)
+        sampler = RandomWindowSampler(cfg.data, self.seq_len, "train", cfg.seed)
         val = self._validation_windows()
         if dist.main:  # only once the inputs proved usable
             ckpt.prepare_run_dir(self.run, force and not resume, "train_config.json", cfg.to_dict())
         dist.barrier()
 
-        example = torch.zeros(1, model.cfg.context_length, dtype=torch.long, device=dist.device) if cfg.compile else None
+        example = torch.zeros(1, self.seq_len, dtype=torch.long, device=dist.device) if cfg.compile else None
         self.peak_flops = cfg.peak_flops or measure_peak_flops(dist.device, resolve_precision(cfg.precision, dist.device).dtype)
         self.loop = Loop(model, self.objective, RandomWindows(sampler, self.objective.batch), val, cfg, self.run,
                          lambda d: save_model_dir(model, d, self.tokenizer), state=state, dist=dist, compile_example=example,
-                         flops_per_token=flops_per_token(model), peak_flops=self.peak_flops, progress=progress)
+                         flops_per_token=flops_per_token(model, self.seq_len), peak_flops=self.peak_flops, progress=progress)
 
     def _validation_windows(self) -> list | None:
         """The first `eval_batches * batch_size` disjoint validation windows (the same every time)."""
-        cfg, context = self.cfg, self.model.cfg.context_length
+        cfg, context = self.cfg, self.seq_len
         if not cfg.eval_every:
             return None
         if read_manifest(cfg.data)["splits"].get("val", {}).get("tokens", 0) <= context:

@@ -77,8 +77,10 @@ def preference_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor
 
 class DirectPreference:
     name = "dpo"
-    metric = "reward_accuracy"
-    higher_is_better = True
+    # The preference loss, not reward accuracy: on a small validation set every pair is ranked right
+    # within a few steps, and accuracy then ties every later evaluation with the first that got there.
+    metric = "loss"
+    higher_is_better = False
 
     def __init__(self, template: ChatFormat, max_len: int, pad_id: int, beta: float = 0.1,
                  reference: nn.Module | None = None, eval_batch_size: int = 8) -> None:
