@@ -335,26 +335,30 @@ def test_a_checkpoint_from_another_model_is_a_one_line_error(fsdp_run, tmp_path,
     finetune_sft(model_dir, data, tmp_path / "run", cfg=cfg, max_new_tokens=1, max_responses=1, progress=False)
     args = ["finetune", "sft", str(model_dir), "--data", str(data), "--out", str(tmp_path / "run"), "-q", "--resume",
             "--max-steps", "4"]
-    _one_line_error(capsys, [*args, "--lora-rank", "4"], "is of another model (layers.0.self_attn.k_proj.lora_A.default.weight is [2, 32] there, [4, 32] here)")
-    _one_line_error(capsys, [*args, "--strategy", "ddp", "--lora-targets", "q,k"], "it has layers.0.self_attn.o_proj.lora_A.default.weight, which this model lacks")
-    assert json.loads((tmp_path / "run" / "finetune_config.json").read_text())["lora_rank"] == 2  # refused before anything was written
+    _one_line_error(capsys, [*args, "--lora-rank", "4"],
+                    "is of another model (layers.0.self_attn.k_proj.lora_A.default.weight is [2, 32] there, [4, 32] here)")
+    _one_line_error(capsys, [*args, "--strategy", "ddp", "--lora-targets", "q,k"],
+                    "it has layers.0.self_attn.o_proj.lora_A.default.weight, which this model lacks")
+    saved = json.loads((tmp_path / "run" / "finetune_config.json").read_text())
+    assert saved["lora_rank"] == 2  # refused before anything was written
+
+    def consolidate_error(checkpoint: Path, match: str, out: Path = tmp_path / "x") -> None:
+        _one_line_error(capsys, ["checkpoint", "consolidate", str(checkpoint), "--out", str(out)], match)
+        assert not (tmp_path / "x").exists()
 
     other = tmp_path / "other" / "checkpoints"
     shutil.copytree(tmp_path / "run" / "checkpoints" / "initial", other / "initial")
     shutil.copytree(fsdp_run / "checkpoints" / "step-2", other / "step-2")  # beside another run's model files
-    _one_line_error(capsys, ["checkpoint", "consolidate", str(other / "step-2"), "--out", str(tmp_path / "x")], "is of another model")
-    assert not (tmp_path / "x").exists()
-
-    _one_line_error(capsys, ["checkpoint", "consolidate", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")], "is not a complete checkpoint")
+    consolidate_error(other / "step-2", "is of another model")
+    consolidate_error(tmp_path / "nowhere", "is not a complete checkpoint")
     plain = FinetuneConfig(max_steps=1, lr=3e-3, warmup_steps=0, eval_every=0)
     finetune_sft(model_dir, data, tmp_path / "ddp", cfg=plain, max_new_tokens=1, max_responses=1, progress=False)
-    _one_line_error(capsys, ["checkpoint", "consolidate", str(tmp_path / "ddp" / "checkpoints" / "step-1"), "--out", str(tmp_path / "x")],
-                    "is not sharded: it was saved with --strategy ddp")
-    _one_line_error(capsys, ["checkpoint", "consolidate", str(fsdp_run / "checkpoints" / "step-2"), "--out", str(fsdp_run / "final")], "already exists")
+    consolidate_error(tmp_path / "ddp" / "checkpoints" / "step-1", "is not sharded: it was saved with --strategy ddp")
+    consolidate_error(fsdp_run / "checkpoints" / "step-2", "already exists", out=fsdp_run / "final")
     (other / "step-2" / "shards" / "__1_0.distcp").write_bytes(b"\0" * 100)
     shutil.rmtree(other / "initial")
     shutil.copytree(fsdp_run / "checkpoints" / "initial", other / "initial")
-    _one_line_error(capsys, ["checkpoint", "consolidate", str(other / "step-2"), "--out", str(tmp_path / "x")], "corrupt or truncated")
+    consolidate_error(other / "step-2", "corrupt or truncated")
 
 
 # ---------------------------------------------------------------------------- GPUs (skipped without CUDA)

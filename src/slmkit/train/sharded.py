@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import shutil
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ import torch.distributed as torch_dist
 from torch import nn
 
 from slmkit._io import atomic_dir, read_json, write_json
-from slmkit.errors import InputError
+from slmkit.errors import InputError, OutputExistsError
 from slmkit.train.checkpoint import INITIAL, SHARDS, STATE, checkpoints_dir, complete_checkpoints, is_sharded
 from slmkit.train.distributed import Dist
 
@@ -134,6 +135,8 @@ def consolidate(checkpoint: str | Path, out: str | Path, force: bool = False) ->
     final/ would be at that step: the files of its initial/ with the step's trained weights (a
     classifier directory for a classifier; base files + adapters/ for a LoRA run)."""
     checkpoint = Path(checkpoint)
+    if Path(out).exists() and not force:  # before the gathering, not after it
+        raise OutputExistsError(f"output {out} already exists; pass --force to overwrite it")
     if not (checkpoint / STATE / "meta.json").is_file():
         raise InputError(f"{checkpoint} is not a complete checkpoint (no {STATE}/meta.json); "
                          "give RUN/checkpoints/step-N")
@@ -155,8 +158,9 @@ def consolidate(checkpoint: str | Path, out: str | Path, force: bool = False) ->
     return Path(out)
 
 
-def _open_like(initial: Path):
-    """(the model initial/ holds, as training built it, writer of its trained weights into a copy of initial/)."""
+def _open_like(initial: Path) -> tuple[nn.Module, Callable[[Path], None]]:
+    """The model initial/ holds, built as training built it (with its adapters, as a classifier),
+    and a writer of that model's trained weights into a copy of initial/."""
     from slmkit.model.classifier import HEAD_WEIGHTS, LABELS, SequenceClassifier
     from slmkit.model.io import load_model, save_model_dir
     from slmkit.model.lora import ADAPTER_CONFIG, load_adapter, save_adapter
