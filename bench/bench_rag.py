@@ -122,6 +122,7 @@ def main() -> None:
     parser.add_argument("--rerank-questions", type=int, default=60, help="questions for +rerank (default: 60)")
     parser.add_argument("--latency-queries", type=int, default=200)
     parser.add_argument("--build-only", action="store_true")
+    parser.add_argument("--skip-eval", action="store_true", help="only throughput, latency and ANN recall")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -137,11 +138,11 @@ def main() -> None:
         return
     index = Index(out / "index")
     results["retrievers"] = {}
-    for name in RETRIEVERS:
+    for name in RETRIEVERS if not args.skip_eval else []:
         result = evaluate(index, qa, Retriever(name), progress=False)
         results["retrievers"][name] = result.to_dict()
         print(result.table(), flush=True)
-    if args.rerank:
+    if args.rerank and not args.skip_eval:
         from slmkit.rag.rerank import LikelihoodReranker
 
         reranker = LikelihoodReranker.load(args.rerank)
